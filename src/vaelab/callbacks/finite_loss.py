@@ -1,0 +1,37 @@
+"""Stop a run whose training loss has become NaN or infinite, with a message saying so."""
+
+import torch
+from pytorch_lightning import Callback, LightningModule, Trainer
+
+
+class FiniteLossCheck(Callback):
+    """Raises ``FloatingPointError`` once the training loss is not finite.
+
+    Finiteness is accumulated on the device every step and read back only every
+    ``every_n_steps`` steps and before each validation (so before any checkpoint is written),
+    which keeps the host from synchronising with a GPU on every step.
+    """
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        self.every_n_steps = every_n_steps
+        self.finite: torch.Tensor | None = None
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        finite = torch.isfinite(loss.detach()).all()
+        self.finite = finite if self.finite is None else self.finite & finite
+        if trainer.global_step % self.every_n_steps == 0:
+            self.check(trainer)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.check(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.check(trainer)
+
+    def check(self, trainer: Trainer) -> None:
+        if self.finite is not None and not bool(self.finite):
+            raise FloatingPointError(
+                f"the training loss became NaN or infinite by step {trainer.global_step}; "
+                "lower lr, add gradient clipping, or check the data (the last good checkpoint is kept)"
+            )

@@ -1,0 +1,71 @@
+"""Checkpoints that know their architecture: the run's resolved config travels inside them."""
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning import Callback, LightningModule, Trainer
+
+from vaelab.config import ConfigError
+
+CONFIG_KEY = "vaelab_config"
+
+
+class SaveConfigInCheckpoint(Callback):
+    """Stores the resolved run config in every checkpoint, so the file alone rebuilds its model."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.config = OmegaConf.to_container(cfg, resolve=True)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        checkpoint[CONFIG_KEY] = self.config
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | None:
+    """``last`` means ``<output_dir>/checkpoints/last.ckpt``; any other value is a file path."""
+    if ckpt_path is None:
+        return None
+    path = Path(output_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        hint = " (ckpt_path=last needs hydra.run.dir=<the run's directory>)" if ckpt_path == "last" else ""
+        raise ConfigError(f"ckpt_path: no checkpoint file at {path}{hint}")
+    return str(path)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's contents, or a :class:`ConfigError` if the file is not a checkpoint."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ConfigError(f"ckpt_path: {path} is not a readable PyTorch checkpoint ({err})") from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ConfigError(f"ckpt_path: {path} is not a Lightning checkpoint (it has no state_dict)")
+    return checkpoint
+
+
+def check_compatible(model: torch.nn.Module, checkpoint: dict[str, Any], path: str | Path) -> None:
+    """Raise :class:`ConfigError` unless the checkpoint's weights fit ``model`` exactly."""
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
+    for key in sorted(ours.keys() | theirs.keys()):
+        if ours.get(key) != theirs.get(key):
+            raise ConfigError(
+                f"ckpt_path: {path} was trained with another architecture ({key}: "
+                f"{theirs.get(key, 'absent')} in the checkpoint, {ours.get(key, 'absent')} in this "
+                "config); use the model settings it was trained with (its config is saved in its run "
+                "directory under .hydra/) or another checkpoint"
+            )
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[LightningModule, DictConfig]:
+    """Rebuild the model a checkpoint was trained with and load its weights (in eval mode)."""
+    checkpoint = read_checkpoint(path)
+    if CONFIG_KEY not in checkpoint:
+        raise ConfigError(f"ckpt_path: {path} holds no vaelab config; was it written by vaelab.train?")
+    cfg = OmegaConf.create(checkpoint[CONFIG_KEY])
+    model = instantiate(cfg.model)
+    check_compatible(model, checkpoint, path)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.to(map_location).eval(), cfg

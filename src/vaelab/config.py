@@ -1,0 +1,54 @@
+"""Checks on a composed config, so that a user's mistake is one readable line before training."""
+
+from collections.abc import Iterator
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+BINARIZE = ("dynamic", "static", "none")
+
+
+class ConfigError(ValueError):
+    """A mistake in the user's config or inputs: printed as one line, exit status 2."""
+
+
+def _walk(node: Any, key: str, path: str = "") -> Iterator[tuple[str, Any]]:
+    """Every ``(dotted.path, value)`` whose last key is ``key``, anywhere below ``node``."""
+    if isinstance(node, DictConfig):
+        for k, value in node.items():
+            child = f"{path}.{k}" if path else str(k)
+            if k == key:
+                yield child, value
+            yield from _walk(value, key, child)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` naming the key to change for the first bad value in ``cfg``."""
+    latent_dim = OmegaConf.select(cfg, "model.latent_dim")
+    if not _is_int(latent_dim) or latent_dim <= 0:
+        raise ConfigError(f"latent_dim must be a positive integer (e.g. latent_dim=2), got {latent_dim!r}")
+    for path, p in _walk(cfg.model, "dropout"):
+        if not _is_number(p) or not 0 <= p < 1:
+            raise ConfigError(f"dropout must be in [0, 1) (e.g. dropout=0.1), got {p!r} at model.{path}")
+    checks = [
+        ("model.optimizer.lr", "lr", lambda v: _is_number(v) and v > 0, "a positive number (e.g. lr=1e-3)"),
+        ("model.l2", "l2", lambda v: _is_number(v) and v >= 0, "a number >= 0 (e.g. l2=1e-5)"),
+        ("model.beta", "model.beta", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+        ("data.batch_size", "batch_size", lambda v: _is_int(v) and v > 0, "a positive integer (e.g. batch_size=128)"),
+        ("data.eval_batch_size", "data.eval_batch_size", lambda v: _is_int(v) and v > 0, "a positive integer"),
+        ("data.binarize", "data.binarize", lambda v: v in BINARIZE, "one of " + ", ".join(BINARIZE)),
+        ("trainer.max_epochs", "max_epochs", lambda v: _is_int(v) and (v > 0 or v == -1), "a positive integer, or -1 for no limit"),
+        ("seed", "seed", _is_int, "an integer"),
+    ]
+    for path, key, ok, expected in checks:
+        value = OmegaConf.select(cfg, path, default=None)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{key} must be {expected}, got {value!r}")

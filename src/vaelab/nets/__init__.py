@@ -1,0 +1,1 @@
+"""Encoder and decoder networks: plain ``nn.Module``s that know nothing of Lightning."""

@@ -1,0 +1,79 @@
+"""Fully connected encoder and decoder (the 784-500-500-z architecture of the classic write-ups).
+
+The encoder returns the parameters of a diagonal Gaussian posterior as ``(mean, log_var)``:
+the log-*variance*, everywhere in vaelab. The decoder returns Bernoulli logits shaped like the
+image, so ``sigmoid(logits)`` is the decoder mean.
+"""
+
+from collections.abc import Sequence
+from math import prod
+
+from torch import Tensor, nn
+
+
+def mlp(sizes: Sequence[int], dropout: float = 0.0) -> nn.Sequential:
+    """Linear layers of the given sizes with ELU (and dropout) between them, none after the last."""
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(nn.ELU())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+def _check(latent_dim: int, hidden_dims: Sequence[int], dropout: float) -> None:
+    if latent_dim <= 0:
+        raise ValueError(f"latent_dim must be positive, got {latent_dim}")
+    if any(h <= 0 for h in hidden_dims):
+        raise ValueError(f"hidden_dims must be positive, got {list(hidden_dims)}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+
+class MLPEncoder(nn.Module):
+    """``x [B, *image_shape] -> (mean [B, latent_dim], log_var [B, latent_dim])``."""
+
+    def __init__(
+        self,
+        latent_dim: int,
+        hidden_dims: Sequence[int] = (500, 500),
+        dropout: float = 0.0,
+        image_shape: Sequence[int] = (1, 28, 28),
+    ) -> None:
+        super().__init__()
+        _check(latent_dim, hidden_dims, dropout)
+        self.image_dims = len(image_shape)
+        self.net = mlp([prod(image_shape), *hidden_dims, 2 * latent_dim], dropout)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.net(x.flatten(start_dim=-self.image_dims))
+        mean, log_var = h.chunk(2, dim=-1)
+        return mean, log_var
+
+
+class MLPDecoder(nn.Module):
+    """``z [..., latent_dim] -> logits [..., *image_shape]``.
+
+    ``hidden_dims`` are given in the encoder's order and applied reversed, so the same list
+    describes a symmetric pair.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        hidden_dims: Sequence[int] = (500, 500),
+        dropout: float = 0.0,
+        image_shape: Sequence[int] = (1, 28, 28),
+    ) -> None:
+        super().__init__()
+        _check(latent_dim, hidden_dims, dropout)
+        self.image_shape = tuple(image_shape)
+        self.net = mlp([latent_dim, *reversed(hidden_dims), prod(image_shape)], dropout)
+
+    def forward(self, z: Tensor) -> Tensor:
+        logits = self.net(z)
+        return logits.unflatten(-1, self.image_shape)
+
+

@@ -1,0 +1,35 @@
+"""The terms of the VAE objective, in nats per image.
+
+Conventions: ``rec = -log p(x|z)`` summed over pixels, ``kl = KL(q(z|x) || p(z))`` summed over
+latent dimensions, ``elbo = -(rec + kl)`` (a lower bound on ``log p(x)``, so negative), and the
+training loss is ``rec + beta * kl``. All functions keep every leading (batch, sample) dimension.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def kl_normal(mean: Tensor, log_var: Tensor) -> Tensor:
+    """Closed-form ``KL(N(mean, exp(log_var)) || N(0, I))`` summed over the last dim.
+
+    ``[..., D] -> [...]``:  ``-1/2 sum_d (1 + log s_d^2 - m_d^2 - s_d^2)``.
+    """
+    return -0.5 * torch.sum(1 + log_var - mean.pow(2) - log_var.exp(), dim=-1)
+
+
+def bernoulli_log_likelihood(logits: Tensor, x: Tensor, event_dims: int = 3) -> Tensor:
+    """``log p(x|z)`` of a Bernoulli decoder with these logits, summed over the last
+    ``event_dims`` dims (channel, height, width): ``[..., C, H, W] -> [...]``.
+
+    ``x`` may be binary or grey levels in [0, 1]; for grey levels this is the negative binary
+    cross-entropy, which is what the classic write-ups optimise (not a normalised likelihood).
+    """
+    bce = F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none")
+    return -bce.flatten(start_dim=-event_dims).sum(dim=-1)
+
+
+def gaussian_rsample(mean: Tensor, log_var: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Reparameterised sample ``z = mean + exp(log_var / 2) * eps``, ``eps ~ N(0, I)``."""
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + (0.5 * log_var).exp() * eps
