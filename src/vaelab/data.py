@@ -136,11 +136,10 @@ class MNISTDataModule(pl.LightningDataModule):
         except Exception as err:  # torchvision raises RuntimeError / URLError without network
             raw = self.root / cls.__name__ / "raw"
             files = ", ".join(Path(url).name for url, _ in cls.resources)
-            reason = str(err).strip().splitlines()[0]
+            why = f" and could not be downloaded ({str(err).strip().splitlines()[0]})" if self.download else ""
             raise ConfigError(
-                f"{cls.__name__} is not under {raw} and could not be downloaded ({reason}). "
-                f"Put the four IDX files ({files}) in {raw}/, or set data.root to the folder "
-                f"that holds {cls.__name__}/raw/."
+                f"{cls.__name__} is not under {raw}{why}. Put the four IDX files ({files}) in "
+                f"{raw}/, or set data.root to the folder that holds {cls.__name__}/raw/."
             ) from err
         return ds.data.unsqueeze(1).float().div_(255), ds.targets.long()
 

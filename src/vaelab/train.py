@@ -7,13 +7,18 @@ TensorBoard events, ``checkpoints/`` (``last.ckpt`` and the best by ``val/loss``
 
 import json
 import logging
+import math
+import os
 import shlex
 import sys
+import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -50,18 +55,46 @@ def write_run_info(output_dir: Path, cfg: DictConfig) -> None:
     (output_dir / "command.txt").write_text(_command() + "\n")
 
 
+@rank_zero_only
+def write_error(output_dir: Path, err: BaseException) -> None:
+    """``error.txt`` of a failed sweep job: the error on its first line, then the traceback."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    trace = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    (output_dir / "error.txt").write_text(f"{type(err).__name__}: {err}\n\n{trace}")
+
+
+def torch_threads(cfg: DictConfig) -> int | None:
+    """``threads``; if null, under a parallel launcher (hydra/launcher=joblib) the cores divided
+    among its ``n_jobs`` jobs; else None (torch's default: every core)."""
+    if cfg.get("threads") is not None:
+        return cfg.threads
+    launcher = HydraConfig.get().launcher if HydraConfig.initialized() else None
+    n_jobs = OmegaConf.select(launcher, "n_jobs") if launcher else None
+    if not n_jobs:
+        return None
+    cores = os.cpu_count() or 1
+    n_jobs = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib: -1 means one per core
+    return max(1, cores // n_jobs)
+
+
 def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
     """What TensorBoard's HParams tab compares across runs: the model, the data protocol, the seed."""
     data = {k: cfg.data[k] for k in ("dataset", "binarize", "batch_size") if k in cfg.data}
     return {"model": OmegaConf.to_container(cfg.model, resolve=True), "data": data, "seed": cfg.seed}
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit, then validate and test the best checkpoint; return the metrics written to ``metrics.json``."""
+def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
+    """Fit, then validate and test the best checkpoint; return the metrics written to ``metrics.json``.
+
+    ``extra_callbacks`` join the configured ones (``benchmarks/train_speed.py`` times epochs so).
+    """
     validate(cfg)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
-    pl.seed_everything(cfg.seed, workers=True)
+    threads = torch_threads(cfg)
+    if threads:
+        torch.set_num_threads(threads)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
@@ -69,7 +102,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_compatible(model, read_checkpoint(ckpt_path), ckpt_path)
     datamodule.prepare_data()  # missing data fails here, before the Trainer starts
 
-    callbacks = [*instantiate_all(cfg.get("callbacks")), SaveConfigInCheckpoint(cfg)]
+    callbacks = [*instantiate_all(cfg.get("callbacks")), SaveConfigInCheckpoint(cfg), *extra_callbacks]
     loggers = instantiate_all(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     write_run_info(output_dir, cfg)
@@ -92,24 +125,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def _fail(err: Exception, status: int) -> None:
-    print(f"error: {err}", file=sys.stderr)
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        raise err  # let the sweep record this job as failed and go on
-    sys.exit(status)
-
-
 @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns ``optimized_metric`` for sweepers such as Optuna."""
+    """Hydra entry point; returns ``optimized_metric`` for sweepers such as Optuna.
+
+    A single run stops on a config mistake (exit status 2) or a NaN loss (1) with one line. A job
+    of a sweep (``-m``) that fails for any reason writes ``error.txt`` into its directory and
+    returns None, so the sweep goes on (Optuna records a failed trial) and ``vaelab.report``
+    shows the job as failed.
+    """
+    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         metrics = train(cfg)
-    except ConfigError as err:
-        _fail(err, status=2)
-    except FloatingPointError as err:
-        _fail(err, status=1)
-    metric = cfg.get("optimized_metric")
-    return metrics.get(metric) if metric else None
+    except Exception as err:
+        if not in_sweep and not isinstance(err, ConfigError | FloatingPointError):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        if not in_sweep:
+            sys.exit(2 if isinstance(err, ConfigError) else 1)
+        log.error("job failed", exc_info=err)
+        write_error(Path(cfg.paths.output_dir), err)
+        return None
+    value = metrics.get(cfg.get("optimized_metric") or "")
+    return value if isinstance(value, float) and math.isfinite(value) else None
 
 
 if __name__ == "__main__":

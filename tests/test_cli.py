@@ -1,0 +1,60 @@
+"""``python -m vaelab.train`` as a user runs it: from another directory, sweeps, errors, real MNIST."""
+
+import json
+
+import pytest
+from conftest import SHARED_DATA, TINY, needs_mnist, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_train_from_any_directory(fake_root, tmp_path):
+    result = run_cli(f"data.root={fake_root}", *TINY, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = tmp_path / "run"
+    assert (run / ".hydra" / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert "test/elbo" in json.loads((run / "metrics.json").read_text())
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_multirun_gives_each_job_its_directory(fake_root, tmp_path):
+    result = run_cli("-m", f"data.root={fake_root}", *TINY, "latent_dim=2,4", f"hydra.sweep.dir={tmp_path}/sweep",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for job, latent_dim in (("0", 2), ("1", 4)):
+        assert json.loads((tmp_path / "sweep" / job / "metrics.json").read_text())["val/loss"] > 0
+        assert f"latent_dim: {latent_dim}" in (tmp_path / "sweep" / job / "config.yaml").read_text()
+
+
+def test_help_and_cfg(tmp_path):
+    help_text = run_cli("--help", cwd=tmp_path).stdout
+    assert "latent_dim" in help_text and "model: mlp" in help_text
+    job = run_cli("--cfg", "job", "latent_dim=2", cwd=tmp_path).stdout
+    assert "latent_dim: 2" in job and "_target_: vaelab.vae.VAE" in job
+
+
+@pytest.mark.parametrize(
+    "args, status, message",
+    [
+        (["latent_dim=0"], 2, "error: latent_dim must be a positive integer (e.g. latent_dim=2), got 0"),
+        (["model=nonexistent"], 1, "Could not find 'model/nonexistent'"),
+        (["data.root=nowhere", "data.download=false"], 2, "error: MNIST is not under nowhere/MNIST/raw"),
+    ],
+)
+def test_user_errors_are_one_line(tmp_path, args, status, message):
+    result = run_cli(*args, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert result.returncode == status
+    assert message in result.stderr
+    if status == 2:
+        assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+@needs_mnist
+def test_real_mnist_smoke(tmp_path):
+    result = run_cli(f"data.root={SHARED_DATA}", "max_epochs=1", "+trainer.limit_train_batches=20",
+                     "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2", "trainer.accelerator=cpu",
+                     "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["global_step"] == 20
+    assert 100 < metrics["test/loss"] < 550  # 20 steps: well below 784 ln 2 = 543 nats, far from trained
