@@ -31,7 +31,10 @@ def test_dropout_only_in_training_mode():
     torch.testing.assert_close(enc(x)[0], enc(x)[0], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kwargs", [{"latent_dim": 0}, {"latent_dim": 2, "dropout": 1.0}, {"latent_dim": 2, "hidden_dims": [0]}])
+BAD = [{"latent_dim": 0}, {"latent_dim": 2, "dropout": 1.0}, {"latent_dim": 2, "hidden_dims": [0]}]
+
+
+@pytest.mark.parametrize("kwargs", BAD)
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError):
         MLPEncoder(**kwargs)

@@ -35,7 +35,7 @@ def test_bernoulli_log_likelihood_is_summed_bce_by_hand():
     x = torch.rand(4, 1, 28, 28, generator=g, dtype=torch.float64).round()
     p = 1 / (1 + torch.exp(-logits))
     by_hand = [sum(xi * math.log(pi) + (1 - xi) * math.log(1 - pi)
-                   for xi, pi in zip(x[b].flatten().tolist(), p[b].flatten().tolist())) for b in range(4)]
+                   for xi, pi in zip(x[b].flatten().tolist(), p[b].flatten().tolist(), strict=True)) for b in range(4)]
     torch.testing.assert_close(bernoulli_log_likelihood(logits, x), torch.tensor(by_hand, dtype=torch.float64))
 
 

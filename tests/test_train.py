@@ -27,7 +27,8 @@ def test_run_directory_holds_everything(make_cfg, tmp_path):
     assert (run / "command.txt").read_text().startswith("python -m vaelab.train")
 
     events = EventAccumulator(str(run / "tensorboard")).Reload()
-    assert {"train/loss", "val/loss", "val/elbo"} <= set(events.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "val/elbo", "final/test/elbo"} <= set(events.Tags()["scalars"])
+    assert "_hparams_/experiment" in events.PluginTagToContent("hparams")  # the HParams tab
 
     model, cfg = load_model(run / "checkpoints" / "last.ckpt")
     assert cfg.model.latent_dim == 3 and model.sample(2).shape == (2, 1, 28, 28)

@@ -38,6 +38,12 @@ def validate(cfg: DictConfig) -> None:
     for path, p in _walk(cfg.model, "dropout"):
         if not _is_number(p) or not 0 <= p < 1:
             raise ConfigError(f"dropout must be in [0, 1) (e.g. dropout=0.1), got {p!r} at model.{path}")
+    for path, p in _walk(cfg.model, "weight_dropout"):
+        if not _is_number(p) or not 0 <= p < 1:
+            raise ConfigError(f"weight_dropout must be in [0, 1), got {p!r} at model.{path}")
+    threads = cfg.get("threads")
+    if threads is not None and (not _is_int(threads) or threads <= 0):
+        raise ConfigError(f"threads must be a positive integer or null, got {threads!r}")
     checks = [
         ("model.optimizer.lr", "lr", lambda v: _is_number(v) and v > 0, "a positive number (e.g. lr=1e-3)"),
         ("model.l2", "l2", lambda v: _is_number(v) and v >= 0, "a number >= 0 (e.g. l2=1e-5)"),
@@ -45,7 +51,8 @@ def validate(cfg: DictConfig) -> None:
         ("data.batch_size", "batch_size", lambda v: _is_int(v) and v > 0, "a positive integer (e.g. batch_size=128)"),
         ("data.eval_batch_size", "data.eval_batch_size", lambda v: _is_int(v) and v > 0, "a positive integer"),
         ("data.binarize", "data.binarize", lambda v: v in BINARIZE, "one of " + ", ".join(BINARIZE)),
-        ("trainer.max_epochs", "max_epochs", lambda v: _is_int(v) and (v > 0 or v == -1), "a positive integer, or -1 for no limit"),
+        ("trainer.max_epochs", "max_epochs", lambda v: _is_int(v) and (v > 0 or v == -1),
+         "a positive integer, or -1 for no limit"),
         ("seed", "seed", _is_int, "an integer"),
     ]
     for path, key, ok, expected in checks:

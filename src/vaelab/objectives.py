@@ -5,6 +5,8 @@ latent dimensions, ``elbo = -(rec + kl)`` (a lower bound on ``log p(x)``, so neg
 training loss is ``rec + beta * kl``. All functions keep every leading (batch, sample) dimension.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -33,3 +35,23 @@ def gaussian_rsample(mean: Tensor, log_var: Tensor, generator: torch.Generator |
     """Reparameterised sample ``z = mean + exp(log_var / 2) * eps``, ``eps ~ N(0, I)``."""
     eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return mean + (0.5 * log_var).exp() * eps
+
+
+def gaussian_log_density(z: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
+    """``log N(z; mean, diag(exp(log_var)))`` summed over the last dim: ``[..., D] -> [...]``."""
+    squared = (z - mean).pow(2) * torch.exp(-log_var)
+    return -0.5 * torch.sum(math.log(2 * math.pi) + log_var + squared, dim=-1)
+
+
+def log_importance_weights(log_px_z: Tensor, log_pz: Tensor, log_qz: Tensor) -> Tensor:
+    """``log w = log p(x|z) + log p(z) - log q(z|x)`` for samples ``z ~ q(z|x)``: ``[K, B]``."""
+    return log_px_z + log_pz - log_qz
+
+
+def iw_log_likelihood(log_w: Tensor) -> Tensor:
+    """Importance-weighted estimate ``log (1/K) sum_k w_k`` (Burda et al., 2015): ``[K, B] -> [B]``.
+
+    A lower bound on ``log p(x)`` in expectation that tightens as ``K`` grows; ``K = 1`` gives a
+    one-sample ELBO estimate.
+    """
+    return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])

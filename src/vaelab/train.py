@@ -55,6 +55,15 @@ def write_run_info(output_dir: Path, cfg: DictConfig) -> None:
     (output_dir / "command.txt").write_text(_command() + "\n")
 
 
+class TrainingProgress(pl.Callback):
+    """Leaves the epochs and steps trained in ``callback_metrics``, which ``ddp_spawn`` carries
+    back to the launching process (whose own trainer counters stay at 0)."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.callback_metrics["epochs"] = torch.tensor(trainer.current_epoch)
+        trainer.callback_metrics["global_step"] = torch.tensor(trainer.global_step)
+
+
 @rank_zero_only
 def write_error(output_dir: Path, err: BaseException) -> None:
     """``error.txt`` of a failed sweep job: the error on its first line, then the traceback."""
@@ -94,6 +103,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
     threads = torch_threads(cfg)
     if threads:
         torch.set_num_threads(threads)
+        log.info("torch threads: %d", threads)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = instantiate(cfg.data)
@@ -102,22 +112,26 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
         check_compatible(model, read_checkpoint(ckpt_path), ckpt_path)
     datamodule.prepare_data()  # missing data fails here, before the Trainer starts
 
-    callbacks = [*instantiate_all(cfg.get("callbacks")), SaveConfigInCheckpoint(cfg), *extra_callbacks]
+    callbacks = [*instantiate_all(cfg.get("callbacks")), SaveConfigInCheckpoint(cfg), TrainingProgress()]
+    callbacks += extra_callbacks
     loggers = instantiate_all(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     write_run_info(output_dir, cfg)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    progress = {"epochs": trainer.current_epoch, "global_step": trainer.global_step}
+    progress |= {k: int(trainer.callback_metrics[k]) for k in progress if k in trainer.callback_metrics}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     best = best or None  # none under fast_dev_run: evaluate the weights in memory
     metrics: dict[str, Any] = {}
     for run in (trainer.validate, trainer.test):
         metrics.update(run(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0])
-    metrics.update(epochs=trainer.current_epoch, global_step=trainer.global_step, best_checkpoint=best)
+    metrics.update(**progress, best_checkpoint=best)
 
     numbers = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    final = {f"final/{k}": v for k, v in numbers.items()}  # own tags: the curves keep their steps
     for logger in trainer.loggers:
-        logger.log_hyperparams(hyperparameters(cfg), numbers)
+        logger.log_hyperparams(hyperparameters(cfg), final)
         logger.save()
     write_json(output_dir / "metrics.json", metrics)
     log.info("metrics: %s", json.dumps(numbers, sort_keys=True))
@@ -140,10 +154,10 @@ def main(cfg: DictConfig) -> float | None:
     except Exception as err:
         if not in_sweep and not isinstance(err, ConfigError | FloatingPointError):
             raise
-        print(f"error: {err}", file=sys.stderr)
         if not in_sweep:
+            print(f"error: {err}", file=sys.stderr)
             sys.exit(2 if isinstance(err, ConfigError) else 1)
-        log.error("job failed", exc_info=err)
+        log.error("job failed: %s", err, exc_info=not isinstance(err, ConfigError))
         write_error(Path(cfg.paths.output_dir), err)
         return None
     value = metrics.get(cfg.get("optimized_metric") or "")

@@ -6,6 +6,7 @@ per image: ``rec = -log p(x|z)`` summed over pixels, ``kl`` summed over latent d
 averaged over the batch; ``elbo = -(rec + kl)``; ``loss = rec + beta * kl``.
 """
 
+import math
 from collections.abc import Callable, Iterable
 
 import pytorch_lightning as pl
@@ -13,7 +14,13 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from vaelab.objectives import bernoulli_log_likelihood, gaussian_rsample, kl_normal
+from vaelab.likelihood import iw_estimates
+from vaelab.objectives import (
+    bernoulli_log_likelihood,
+    gaussian_log_density,
+    gaussian_rsample,
+    kl_normal,
+)
 
 
 class VAE(pl.LightningModule):
@@ -28,6 +35,8 @@ class VAE(pl.LightningModule):
         l2: L2 weight decay on weight matrices only (not biases), applied through the
             optimizer's ``weight_decay``; with Adam this is the gradient of the penalty
             ``l2/2 * sum ||W||^2`` (``tf.nn.l2_loss``), which is not part of the logged loss.
+        iw_samples_test: K of the importance-weighted ``test/nll`` (and ``test/bits_per_dim``)
+            logged by the test stage; 0 skips it.
     """
 
     def __init__(
@@ -38,11 +47,13 @@ class VAE(pl.LightningModule):
         latent_dim: int,
         beta: float = 1.0,
         l2: float = 0.0,
+        iw_samples_test: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["encoder", "decoder", "optimizer"])
         self.encoder, self.decoder, self.optimizer = encoder, decoder, optimizer
         self.latent_dim, self.beta, self.l2 = latent_dim, beta, l2
+        self.iw_samples_test = iw_samples_test
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``x [B, 1, 28, 28] -> (mean, log_var)`` of ``q(z|x)``, each ``[B, latent_dim]``."""
@@ -71,15 +82,40 @@ class VAE(pl.LightningModule):
         rec = -bernoulli_log_likelihood(self.decode(z), x)
         return rec, kl_normal(mean, log_var)
 
+    def log_densities(self, x: Tensor, n_samples: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(log p(x|z), log p(z), log q(z|x))``, each ``[n_samples, B]``, at ``n_samples`` draws
+        ``z ~ q(z|x)`` per image: all that :mod:`vaelab.likelihood` asks of a model (a richer
+        posterior overrides this)."""
+        mean, log_var = self.encode(x)
+        mean, log_var = (t.expand(n_samples, *t.shape) for t in (mean, log_var))
+        z = gaussian_rsample(mean, log_var)
+        log_px_z = bernoulli_log_likelihood(self.decode(z), x)
+        log_pz = gaussian_log_density(z, torch.zeros_like(z), torch.zeros_like(z))
+        return log_px_z, log_pz, gaussian_log_density(z, mean, log_var)
+
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         x, _ = batch
         rec, kl = (term.mean() for term in self(x))
         loss = rec + self.beta * kl
         train = stage == "train"
-        log = dict(on_step=train, on_epoch=not train, batch_size=len(x), sync_dist=not train)
-        self.log(f"{stage}/loss", loss, prog_bar=True, **log)
+        if train and not self._logs_this_step():
+            return loss
+        # A float batch size: Lightning averages the per-process image counts, and would floor an
+        # integer one, which biases the mean when the shards differ in size (tests/test_ddp.py).
+        log = dict(on_step=train, on_epoch=not train, batch_size=float(len(x)), sync_dist=not train)
+        # Lightning reads progress-bar values back (.item()) after every batch: a host sync per
+        # step on a GPU, so there the bar shows the validation loss only.
+        prog_bar = not train or self.device.type == "cpu"
+        self.log(f"{stage}/loss", loss, prog_bar=prog_bar, **log)
         self.log_dict({f"{stage}/elbo": -(rec + kl), f"{stage}/rec": rec, f"{stage}/kl": kl}, **log)
         return loss
+
+    def _logs_this_step(self) -> bool:
+        """Whether Lightning writes this training step's metrics (every
+        ``trainer.log_every_n_steps`` steps): ``self.log`` costs about as much Python time as the
+        rest of a step, so the steps in between skip it."""
+        trainer = self._trainer
+        return trainer is None or trainer._logger_connector.should_update_logs or bool(trainer.fast_dev_run)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "train")
@@ -89,6 +125,12 @@ class VAE(pl.LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
+        if self.iw_samples_test > 0:
+            x, _ = batch
+            nll = -iw_estimates(self, x, self.iw_samples_test).log_px.mean()
+            bits_per_dim = nll / (x[0].numel() * math.log(2))
+            metrics = {"test/nll": nll, "test/bits_per_dim": bits_per_dim}
+            self.log_dict(metrics, on_epoch=True, batch_size=float(len(x)), sync_dist=True)
 
     def configure_optimizers(self) -> Optimizer:
         weights = [p for p in self.parameters() if p.ndim >= 2]

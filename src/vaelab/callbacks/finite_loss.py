@@ -7,9 +7,10 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 class FiniteLossCheck(Callback):
     """Raises ``FloatingPointError`` once the training loss is not finite.
 
-    Finiteness is accumulated on the device every step and read back only every
+    On a CPU the loss is checked every step, before any later callback sees the weights. On an
+    accelerator finiteness is accumulated on the device and read back only every
     ``every_n_steps`` steps and before each validation (so before any checkpoint is written),
-    which keeps the host from synchronising with a GPU on every step.
+    which keeps the host from synchronising with the device on every step.
     """
 
     def __init__(self, every_n_steps: int = 50) -> None:
@@ -20,7 +21,7 @@ class FiniteLossCheck(Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         finite = torch.isfinite(loss.detach()).all()
         self.finite = finite if self.finite is None else self.finite & finite
-        if trainer.global_step % self.every_n_steps == 0:
+        if pl_module.device.type == "cpu" or trainer.global_step % self.every_n_steps == 0:
             self.check(trainer)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -8,14 +8,33 @@ image, so ``sigmoid(logits)`` is the decoder mean.
 from collections.abc import Sequence
 from math import prod
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def mlp(sizes: Sequence[int], dropout: float = 0.0) -> nn.Sequential:
-    """Linear layers of the given sizes with ELU (and dropout) between them, none after the last."""
+class DropConnectLinear(nn.Linear):
+    """``nn.Linear`` whose weight matrix, not its output, is dropped in training (DropConnect):
+    each weight is zeroed with probability ``p`` and the rest scaled by ``1/(1-p)``, afresh for
+    every batch; the bias is kept. This is what the TensorFlow write-up calls dropout
+    (``tf.nn.dropout(W, keep_prob)``)."""
+
+    def __init__(self, in_features: int, out_features: int, p: float) -> None:
+        super().__init__(in_features, out_features)
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, F.dropout(self.weight, self.p, self.training), self.bias)
+
+
+def mlp(sizes: Sequence[int], dropout: float = 0.0, weight_dropout: float = 0.0) -> nn.Sequential:
+    """Linear layers of the given sizes with ELU (and dropout) between them, none after the last;
+    ``weight_dropout > 0`` makes every layer a :class:`DropConnectLinear`."""
     layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(n_in, n_out))
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        if weight_dropout > 0:
+            layers.append(DropConnectLinear(n_in, n_out, weight_dropout))
+        else:
+            layers.append(nn.Linear(n_in, n_out))
         if i < len(sizes) - 2:
             layers.append(nn.ELU())
             if dropout > 0:
@@ -23,13 +42,15 @@ def mlp(sizes: Sequence[int], dropout: float = 0.0) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _check(latent_dim: int, hidden_dims: Sequence[int], dropout: float) -> None:
+def _check(latent_dim: int, hidden_dims: Sequence[int], dropout: float, weight_dropout: float):
     if latent_dim <= 0:
         raise ValueError(f"latent_dim must be positive, got {latent_dim}")
     if any(h <= 0 for h in hidden_dims):
         raise ValueError(f"hidden_dims must be positive, got {list(hidden_dims)}")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if not 0 <= weight_dropout < 1:
+        raise ValueError(f"weight_dropout must be in [0, 1), got {weight_dropout}")
 
 
 class MLPEncoder(nn.Module):
@@ -41,11 +62,12 @@ class MLPEncoder(nn.Module):
         hidden_dims: Sequence[int] = (500, 500),
         dropout: float = 0.0,
         image_shape: Sequence[int] = (1, 28, 28),
+        weight_dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        _check(latent_dim, hidden_dims, dropout)
+        _check(latent_dim, hidden_dims, dropout, weight_dropout)
         self.image_dims = len(image_shape)
-        self.net = mlp([prod(image_shape), *hidden_dims, 2 * latent_dim], dropout)
+        self.net = mlp([prod(image_shape), *hidden_dims, 2 * latent_dim], dropout, weight_dropout)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         h = self.net(x.flatten(start_dim=-self.image_dims))
@@ -66,11 +88,13 @@ class MLPDecoder(nn.Module):
         hidden_dims: Sequence[int] = (500, 500),
         dropout: float = 0.0,
         image_shape: Sequence[int] = (1, 28, 28),
+        weight_dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        _check(latent_dim, hidden_dims, dropout)
+        _check(latent_dim, hidden_dims, dropout, weight_dropout)
         self.image_shape = tuple(image_shape)
-        self.net = mlp([latent_dim, *reversed(hidden_dims), prod(image_shape)], dropout)
+        sizes = [latent_dim, *reversed(hidden_dims), prod(image_shape)]
+        self.net = mlp(sizes, dropout, weight_dropout)
 
     def forward(self, z: Tensor) -> Tensor:
         logits = self.net(z)

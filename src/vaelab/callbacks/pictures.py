@@ -1,0 +1,208 @@
+"""Pictures while training: reconstructions, prior samples, the latent scatter, the latent
+manifold and interpolations, logged to TensorBoard (``pictures/<name>``) and written as
+``<images dir>/<name>/step_<global step>.png``.
+
+Every picture is drawn at the end of each training epoch from fixed inputs (the first test images,
+fixed prior noise), so epochs are comparable. The scatter and the manifold are also drawn at
+optimizer steps 1, 2, 4, 8, ... of the first epoch, so TensorBoard's image slider shows the latent
+space forming; at the end of training the manifold's snapshots become
+``<images dir>/manifold_evolution.gif``. Drawing happens on global rank 0 only, in eval mode
+without gradients (the module's mode is restored), and uses no global random state, so training
+is the same with or without these callbacks.
+"""
+
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from pytorch_lightning import Callback, LightningModule, Trainer
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch import Tensor
+from torchvision.utils import save_image
+
+from vaelab import plots
+from vaelab.config import ConfigError
+
+
+class Pictures(Callback):
+    """Base class: when to draw, and where the pictures go; subclasses say what to draw.
+
+    Args:
+        log_spaced_steps: also draw at optimizer steps 1, 2, 4, ... of the first epoch.
+        out_dir: the images directory (default ``<trainer.default_root_dir>/images``).
+    """
+
+    name = "picture"
+
+    def __init__(self, log_spaced_steps: bool = False, out_dir: str | None = None) -> None:
+        self.log_spaced_steps, self.out_dir = log_spaced_steps, out_dir
+        self.last_step = -1
+        self.x: Tensor | None = None
+        self.y: Tensor | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        splits = getattr(trainer.datamodule, "splits", {})
+        if "test" not in splits:
+            raise ConfigError(f"callback {self.name} needs a datamodule with a test split (datamodule.splits['test'])")
+        self.x, self.y = splits["test"]
+
+    def images_dir(self, trainer: Trainer) -> Path:
+        return Path(self.out_dir or Path(trainer.default_root_dir) / "images")
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.log_spaced_steps and 0 < step < trainer.num_training_batches and step & (step - 1) == 0:
+            self.snapshot(trainer, pl_module, early=True)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.snapshot(trainer, pl_module, early=False)
+
+    def snapshot(self, trainer: Trainer, pl_module: LightningModule, early: bool) -> None:
+        """Draw, write ``<name>/step_<step>.png`` and log to every TensorBoard logger."""
+        step = trainer.global_step
+        if not trainer.is_global_zero or step == self.last_step:
+            return
+        self.last_step = step
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            image = self.draw(pl_module, early)
+        finally:
+            pl_module.train(was_training)
+        path = self.images_dir(trainer) / self.name / f"step_{step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(image, path)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(f"pictures/{self.name}", image, step)
+
+    def draw(self, pl_module: LightningModule, early: bool) -> Tensor:
+        """The picture, ``[3, H, W]`` in [0, 1]; ``early`` at the log-spaced steps."""
+        raise NotImplementedError
+
+
+class Reconstructions(Pictures):
+    """The first ``n`` test images above their reconstructions."""
+
+    name = "reconstructions"
+
+    def __init__(self, n: int = 16, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.n = n
+
+    def draw(self, pl_module: LightningModule, early: bool) -> Tensor:
+        return plots.reconstructions(pl_module, self.x[: self.n])
+
+
+class PriorSamples(Pictures):
+    """``n`` decoded draws z ~ N(0, I), the same draws (``seed``) every time, ``nrow`` per row."""
+
+    name = "prior_samples"
+
+    def __init__(self, n: int = 64, nrow: int = 8, seed: int = 0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.n, self.nrow, self.seed = n, nrow, seed
+
+    def draw(self, pl_module: LightningModule, early: bool) -> Tensor:
+        z = torch.randn(self.n, pl_module.latent_dim, generator=torch.Generator().manual_seed(self.seed))
+        return plots.prior_samples(pl_module, z, self.nrow)
+
+
+class LatentScatter(Pictures):
+    """Posterior means of the first ``n_points`` test images coloured by label (PCA when
+    latent_dim > 2); ``n_points_early`` of them at the log-spaced steps."""
+
+    name = "latent_scatter"
+
+    def __init__(
+        self, n_points: int = 10_000, n_points_early: int = 1000, log_spaced_steps: bool = True, **kwargs
+    ) -> None:
+        super().__init__(log_spaced_steps=log_spaced_steps, **kwargs)
+        self.n_points, self.n_points_early = n_points, n_points_early
+
+    def draw(self, pl_module: LightningModule, early: bool) -> Tensor:
+        n = self.n_points_early if early else self.n_points
+        step = pl_module.trainer.global_step
+        return plots.latent_scatter(pl_module, self.x[:n], self.y[:n], title=f"test set, step {step}")
+
+
+class LatentManifold(Pictures):
+    """Decoded ``n x n`` grid of latent points over two dimensions, the rest held at 0.
+
+    Args:
+        spacing: ``quantile`` (evenly spaced prior quantiles from ``quantile`` to
+            ``1 - quantile``) or ``linear`` (``[-bound, bound]``).
+        dims: the two dimensions to vary; default (null) the two whose posterior means vary
+            most over the first ``n_points`` test images (0 and 1 for latent_dim = 2).
+        gif: at the end of training, write the snapshots as ``manifold_evolution.gif``.
+    """
+
+    name = "manifold"
+
+    def __init__(
+        self,
+        n: int = 20,
+        spacing: str = "quantile",
+        quantile: float = 0.05,
+        bound: float = 3.0,
+        dims: tuple[int, int] | None = None,
+        n_points: int = 1000,
+        gif: bool = True,
+        log_spaced_steps: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__(log_spaced_steps=log_spaced_steps, **kwargs)
+        if spacing not in plots.SPACINGS:
+            raise ConfigError(f"callbacks.manifold.spacing must be one of {', '.join(plots.SPACINGS)}, got {spacing!r}")
+        if not 0 < quantile < 0.5:
+            raise ConfigError(f"callbacks.manifold.quantile must be in (0, 0.5), got {quantile}")
+        self.n, self.spacing, self.quantile, self.bound = n, spacing, quantile, bound
+        self.dims, self.n_points, self.gif = dims, n_points, gif
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.dims is not None:
+            plots.check_dims(self.dims, pl_module.latent_dim)
+
+    def draw(self, pl_module: LightningModule, early: bool) -> Tensor:
+        if self.dims is not None:
+            dims = plots.check_dims(self.dims, pl_module.latent_dim)
+        elif pl_module.latent_dim > 2:
+            dims = plots.most_active_dims(plots.encode_means(pl_module, self.x[: self.n_points]))
+        else:
+            dims = (0, 1)
+        return plots.manifold(pl_module, pl_module.latent_dim, self.n, self.spacing, self.quantile, self.bound, dims)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.gif and trainer.is_global_zero:
+            frames = sorted((self.images_dir(trainer) / self.name).glob("step_*.png"))
+            if frames:
+                write_gif(frames, self.images_dir(trainer) / "manifold_evolution.gif")
+
+
+def write_gif(pngs: list[Path], path: Path, ms_per_frame: int = 400, ms_last: int = 2000) -> None:
+    """An animated GIF of ``pngs`` (named ``step_<step>.png``), each captioned with its step."""
+    frames = []
+    for png in pngs:
+        image = Image.open(png).convert("RGB")
+        frame = Image.new("RGB", (image.width, image.height + 16), "white")
+        frame.paste(image, (0, 16))
+        ImageDraw.Draw(frame).text((4, 2), f"step {int(png.stem.split('_')[1])}", fill="black")
+        frames.append(frame)
+    durations = [ms_per_frame] * (len(frames) - 1) + [ms_last]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
+
+
+class Interpolations(Pictures):
+    """One row per pair of test images (``2i``, ``2i + 1``): the pair at the ends and ``steps``
+    decodings along the straight line between their posterior means."""
+
+    name = "interpolations"
+
+    def __init__(self, pairs: int = 8, steps: int = 10, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.pairs, self.steps = pairs, steps
+
+    def draw(self, pl_module: LightningModule, early: bool) -> Tensor:
+        x = self.x[: 2 * self.pairs]
+        return plots.interpolations(pl_module, x[0::2], x[1::2], self.steps)

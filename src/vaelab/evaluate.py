@@ -1,0 +1,139 @@
+"""``python -m vaelab.evaluate ckpt_path=<ckpt> [iw_samples=5000] [split=test] [data.root=...]``.
+
+Rebuilds the model from the config saved in the checkpoint, estimates the log-likelihood of a
+split by importance sampling (:mod:`vaelab.likelihood`) and the latent diagnostics
+(:mod:`vaelab.diagnostics`), and writes into the checkpoint's run directory (or ``out_dir``):
+
+- ``evaluation.json``: flat keys ``<split>/elbo``, ``<split>/rec``, ``<split>/kl``, ``<split>/nll``
+  (the IW estimate of ``-log p(x)``, positive nats per image), ``<split>/bits_per_dim``,
+  ``<split>/active_units``, ``<split>/kl_per_dim`` (a list), and the protocol: ``iw_samples``,
+  ``binarize``, ``split``, ``n_images``, ``epochs``, ``seed``, ``ckpt_path``, ``seconds`` (the
+  time of the estimate);
+- ``kl_per_dim.png``, also added to the run's TensorBoard.
+
+The ELBO terms come from the same ``K`` samples: ``elbo = mean_k log w_k``,
+``rec = -mean_k log p(x|z_k)``, ``kl = mean_k log q(z_k|x)/p(z_k)``.
+"""
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
+
+from vaelab import config_dir
+from vaelab.checkpoint import load_model, read_checkpoint
+from vaelab.config import ConfigError
+from vaelab.diagnostics import (
+    ACTIVE_THRESHOLD,
+    activity,
+    kl_per_dimension,
+    plot_kl_per_dimension,
+    posterior_parameters,
+)
+from vaelab.likelihood import iw_estimates
+
+SPLITS = ("train", "val", "test")
+
+
+def check(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for the first bad value, before any work."""
+    if cfg.ckpt_path is None:
+        raise ConfigError("ckpt_path is required, e.g. ckpt_path=<run>/checkpoints/last.ckpt")
+    if not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path: no checkpoint file at {cfg.ckpt_path}")
+    for key in ("iw_samples", "chunk_size"):
+        value = cfg[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    if cfg.split not in SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {cfg.split!r}")
+
+
+def run_directory(ckpt_path: Path) -> Path:
+    """The training run's directory: the folder above ``checkpoints/``."""
+    return ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+
+
+def load_split(data_cfg: DictConfig, split: str, device: torch.device) -> Tensor:
+    """The images ``[N, 1, 28, 28]`` of a split, binarized by the protocol in ``data_cfg``."""
+    datamodule = instantiate(data_cfg)
+    datamodule.setup()
+    x, _ = datamodule.splits[split]
+    if split == "train" and data_cfg.binarize == "dynamic":  # fixed once, like val and test
+        x = torch.bernoulli(x, generator=torch.Generator().manual_seed(data_cfg.eval_seed))
+    return x.to(device)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Estimate, write ``evaluation.json`` and ``kl_per_dim.png``; return the results."""
+    check(cfg)
+    ckpt_path = Path(cfg.ckpt_path)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, train_cfg = load_model(ckpt_path, map_location=device)
+    checkpoint = read_checkpoint(ckpt_path)
+    for key, value in cfg.data.items():
+        if value is not None:
+            train_cfg.data[key] = value
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else run_directory(ckpt_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    x = load_split(train_cfg.data, cfg.split, device)
+
+    torch.manual_seed(cfg.seed)
+    start = time.perf_counter()
+    estimates = iw_estimates(model, x, cfg.iw_samples, cfg.chunk_size, progress=True)
+    seconds = time.perf_counter() - start
+    mean, log_var = posterior_parameters(model, x)
+    kl_dims, active = kl_per_dimension(mean, log_var), activity(mean) > ACTIVE_THRESHOLD
+
+    s = cfg.split
+    nll = -estimates.log_px.double().mean().item()
+    results = {
+        f"{s}/elbo": estimates.elbo.double().mean().item(),
+        f"{s}/rec": estimates.rec.double().mean().item(),
+        f"{s}/kl": estimates.kl.double().mean().item(),
+        f"{s}/nll": nll,
+        f"{s}/bits_per_dim": nll / (x[0].numel() * math.log(2)),
+        f"{s}/active_units": int(active.sum()),
+        f"{s}/kl_per_dim": [round(v, 5) for v in kl_dims.tolist()],
+        "iw_samples": cfg.iw_samples,
+        "binarize": train_cfg.data.binarize,
+        "split": s,
+        "n_images": len(x),
+        "epochs": checkpoint["epoch"] + 1,
+        "seed": cfg.seed,
+        "ckpt_path": str(ckpt_path),
+        "seconds": round(seconds, 2),
+    }
+
+    title = f"{s}: {int(active.sum())} of {len(kl_dims)} active (blue), KL {kl_dims.sum():.2f} nats"
+    figure = plot_kl_per_dimension(kl_dims, active, title)
+    figure.savefig(out_dir / "kl_per_dim.png", dpi=120)
+    with SummaryWriter(str(out_dir / "tensorboard")) as writer:
+        writer.add_figure(f"{s}/kl_per_dim", figure, global_step=checkpoint["global_step"])
+    (out_dir / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+@hydra.main(config_path=str(config_dir()), config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        results = evaluate(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else run_directory(Path(cfg.ckpt_path))
+    print(json.dumps({k: v for k, v in results.items() if not isinstance(v, list)}, indent=2))
+    print(f"wrote {out_dir / 'evaluation.json'} and {out_dir / 'kl_per_dim.png'}")
+
+
+if __name__ == "__main__":
+    main()

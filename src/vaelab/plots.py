@@ -1,0 +1,163 @@
+"""Pictures of a VAE: functions from tensors (and a VAE's ``encode``/``decode``) to images.
+
+Every picture is returned as a float tensor ``[3, H, W]`` in [0, 1] on the CPU, ready for
+``torchvision.utils.save_image`` and TensorBoard's ``add_image``. Decoded images are decoder
+means, ``sigmoid(decode(z))``. The model functions run without gradients; putting the model in
+eval mode is the caller's job. Matplotlib is used through its Agg canvas only (no pyplot state).
+"""
+
+from collections.abc import Sequence
+
+import matplotlib
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+from torch.distributions import Normal
+from torchvision.utils import make_grid
+
+from vaelab.config import ConfigError
+
+SPACINGS = ("quantile", "linear")
+
+
+def image_grid(images: Tensor, nrow: int) -> Tensor:
+    """``images [N, C, H, W]`` in [0, 1], ``nrow`` per row -> ``[3, H', W']`` with grey gutters."""
+    return make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, pad_value=0.5)
+
+
+def quantile_grid(n: int, quantile: float = 0.05) -> Tensor:
+    """``[n]`` evenly spaced quantiles of N(0, 1), from ``quantile`` to ``1 - quantile``:
+    the inverse normal CDF of a uniform grid in (0, 1) clipped away from 0 and 1."""
+    if not 0 < quantile < 0.5:
+        raise ValueError(f"quantile must be in (0, 0.5), got {quantile}")
+    return Normal(0.0, 1.0).icdf(torch.linspace(quantile, 1 - quantile, n, dtype=torch.float64)).float()
+
+
+def linear_grid(n: int, bound: float = 3.0) -> Tensor:
+    """``[n]`` evenly spaced values from ``-bound`` to ``bound``."""
+    return torch.linspace(-bound, bound, n)
+
+
+def grid_points(values: Tensor, latent_dim: int, dims: tuple[int, int] = (0, 1)) -> Tensor:
+    """The latent points of a manifold picture: ``[n * n, latent_dim]``, row-major.
+
+    Column ``j`` sets ``z[dims[0]] = values[j]`` (left to right), row ``i`` sets
+    ``z[dims[1]] = values[n - 1 - i]`` (top row highest, as on a plot's y axis); other
+    dimensions are 0.
+    """
+    n = len(values)
+    z = torch.zeros(n, n, latent_dim)
+    z[:, :, dims[0]] = values.expand(n, n)
+    z[:, :, dims[1]] = values.flip(0).unsqueeze(1).expand(n, n)
+    return z.reshape(n * n, latent_dim)
+
+
+def check_dims(dims: Sequence[int], latent_dim: int) -> tuple[int, int]:
+    """``dims`` as a pair of different latent dimensions, or a :class:`ConfigError`."""
+    if len(dims) != 2 or dims[0] == dims[1] or not all(0 <= d < latent_dim for d in dims):
+        raise ConfigError(f"manifold dims must be two different dimensions < latent_dim={latent_dim}, got {list(dims)}")
+    return dims[0], dims[1]
+
+
+def most_active_dims(means: Tensor) -> tuple[int, int]:
+    """The two latent dimensions whose posterior means ``[N, D]`` vary most across images."""
+    first, second = means.var(dim=0).topk(2).indices.sort().values.tolist()
+    return first, second
+
+
+def project_2d(z: Tensor) -> tuple[Tensor, tuple[str, str]]:
+    """``z [N, D] -> (points [N, 2], axis labels)``: ``z`` itself for D = 2, its first two
+    principal components for D > 2 (signs fixed so the largest loading is positive), and
+    ``(z, 0)`` for D = 1."""
+    if z.shape[1] == 1:
+        return torch.cat([z, torch.zeros_like(z)], dim=1), ("z[0]", "(latent_dim = 1)")
+    if z.shape[1] == 2:
+        return z, ("z[0]", "z[1]")
+    centered = z - z.mean(dim=0)
+    _, s, vh = torch.linalg.svd(centered, full_matrices=False)
+    axes = vh[:2] * vh[:2].gather(1, vh[:2].abs().argmax(dim=1, keepdim=True)).sign()
+    share = (s**2 / (s**2).sum()).tolist()
+    return centered @ axes.T, (f"PC 1 ({share[0]:.0%} of variance)", f"PC 2 ({share[1]:.0%} of variance)")
+
+
+def figure_image(fig: Figure) -> Tensor:
+    """Render a matplotlib figure (Agg) to ``[3, H, W]`` in [0, 1]."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    rgb = np.asarray(canvas.buffer_rgba())[..., :3]
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div(255)
+
+
+def scatter_image(points: Tensor, labels: Tensor, axis_labels: tuple[str, str], title: str = "") -> Tensor:
+    """``points [N, 2]`` coloured by ``labels [N]`` (0-9), with a colour bar: ``[3, H, W]``."""
+    fig = Figure(figsize=(6, 5), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    points, labels = points.detach().cpu().numpy(), labels.detach().cpu().numpy()
+    dots = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap=matplotlib.colormaps["tab10"],
+                      vmin=-0.5, vmax=9.5, s=3, alpha=0.6, linewidths=0)
+    fig.colorbar(dots, ax=ax, ticks=range(10), label="label")
+    ax.set(xlabel=axis_labels[0], ylabel=axis_labels[1], title=title)
+    return figure_image(fig)
+
+
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def encode_means(model: nn.Module, x: Tensor, batch_size: int = 1000) -> Tensor:
+    """Posterior means ``[N, latent_dim]`` of ``x [N, 1, 28, 28]``, in batches."""
+    return torch.cat([model.encode(batch)[0] for batch in x.split(batch_size)])
+
+
+@torch.no_grad()
+def decode_means(model: nn.Module, z: Tensor) -> Tensor:
+    """Decoder means (pixel probabilities) ``[..., 1, 28, 28]`` of ``z [..., latent_dim]``."""
+    return torch.sigmoid(model.decode(z))
+
+
+def reconstructions(model: nn.Module, x: Tensor) -> Tensor:
+    """A row of images ``x [n, 1, 28, 28]`` above a row of their reconstructions."""
+    return image_grid(torch.cat([x, decode_means(model, encode_means(model, x))]), nrow=len(x))
+
+
+def prior_samples(model: nn.Module, z: Tensor, nrow: int = 8) -> Tensor:
+    """Decoded draws ``z [n, latent_dim]`` from the prior, ``nrow`` per row."""
+    return image_grid(decode_means(model, z.to(device_of(model))), nrow=nrow)
+
+
+def manifold(
+    model: nn.Module,
+    latent_dim: int,
+    n: int = 20,
+    spacing: str = "quantile",
+    quantile: float = 0.05,
+    bound: float = 3.0,
+    dims: tuple[int, int] = (0, 1),
+) -> Tensor:
+    """Decoded ``n x n`` grid over latent dimensions ``dims`` (the rest at 0), placed at
+    evenly spaced prior quantiles (``spacing="quantile"``) or over ``[-bound, bound]``."""
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
+    values = quantile_grid(n, quantile) if spacing == "quantile" else linear_grid(n, bound)
+    z = grid_points(values, latent_dim, dims).to(device_of(model))
+    return image_grid(decode_means(model, z), nrow=n)
+
+
+def interpolations(model: nn.Module, start: Tensor, end: Tensor, steps: int = 10) -> Tensor:
+    """One row per pair ``(start[i], end[i])`` of images ``[P, 1, 28, 28]``: the start image,
+    ``steps`` decodings along the straight line between their posterior means, the end image."""
+    a, b = encode_means(model, start), encode_means(model, end)
+    weights = torch.linspace(0, 1, steps, device=a.device).view(1, steps, 1)
+    path = decode_means(model, a.unsqueeze(1) + weights * (b - a).unsqueeze(1))  # [P, steps, 1, 28, 28]
+    rows = torch.cat([start.unsqueeze(1), path, end.unsqueeze(1)], dim=1)
+    return image_grid(rows.flatten(0, 1), nrow=steps + 2)
+
+
+def latent_scatter(model: nn.Module, x: Tensor, labels: Tensor, title: str = "") -> Tensor:
+    """Posterior means of ``x`` coloured by ``labels``; projected by PCA when latent_dim > 2."""
+    points, axis_labels = project_2d(encode_means(model, x))
+    return scatter_image(points, labels, axis_labels, title)
+

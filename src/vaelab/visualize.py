@@ -1,0 +1,81 @@
+"""``python -m vaelab.visualize ckpt_path=<ckpt> [out_dir=...] [data.root=...]``: every picture
+of a checkpoint as a PNG (reconstructions, prior samples, latent scatter, manifold with quantile
+and linear spacing, interpolations); prints the paths.
+
+The checkpoint's saved config rebuilds its model and its data (test split, same binarization).
+"""
+
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torchvision.utils import save_image
+
+from vaelab import config_dir, plots
+from vaelab.checkpoint import load_model
+from vaelab.config import ConfigError
+
+
+def default_out_dir(ckpt_path: Path) -> Path:
+    """``<run dir>/images`` for a checkpoint in ``<run dir>/checkpoints/``, else next to it."""
+    folder = ckpt_path.resolve().parent
+    run_dir = folder.parent if folder.name == "checkpoints" else folder
+    return run_dir / "images"
+
+
+@torch.no_grad()
+def visualize(cfg: DictConfig) -> list[Path]:
+    """Write the pictures of ``cfg.ckpt_path`` into ``cfg.out_dir``; return their paths."""
+    if not cfg.ckpt_path:
+        raise ConfigError("ckpt_path is required, e.g. ckpt_path=outputs/runs/<run>/checkpoints/last.ckpt")
+    ckpt_path = Path(cfg.ckpt_path)
+    if not ckpt_path.is_file():
+        raise ConfigError(f"ckpt_path: no checkpoint file at {ckpt_path}")
+    model, train_cfg = load_model(ckpt_path)
+    overrides = {key: value for key, value in cfg.data.items() if value is not None}
+    datamodule = instantiate(OmegaConf.merge(train_cfg.data, overrides))
+    datamodule.setup()
+    x, y = datamodule.splits["test"]
+
+    latent_dim = model.latent_dim
+    z = torch.randn(cfg.n_samples, latent_dim, generator=torch.Generator().manual_seed(cfg.seed))
+    if cfg.dims is None:
+        dims = plots.most_active_dims(plots.encode_means(model, x[: cfg.n_points]))
+    else:
+        dims = plots.check_dims(cfg.dims, latent_dim)
+    grid = dict(latent_dim=latent_dim, n=cfg.grid, quantile=cfg.quantile, bound=cfg.bound, dims=dims)
+    pairs = x[: 2 * cfg.pairs]
+    title = f"test set, {ckpt_path.name}"
+    pictures = {
+        "reconstructions": plots.reconstructions(model, x[: cfg.n_images]),
+        "prior_samples": plots.prior_samples(model, z),
+        "latent_scatter": plots.latent_scatter(model, x[: cfg.n_points], y[: cfg.n_points], title=title),
+        "manifold": plots.manifold(model, spacing="quantile", **grid),
+        "manifold_linear": plots.manifold(model, spacing="linear", **grid),
+        "interpolations": plots.interpolations(model, pairs[0::2], pairs[1::2], cfg.steps),
+    }
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(ckpt_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, image in pictures.items():
+        paths.append(out_dir / f"{name}.png")
+        save_image(image, paths[-1])
+    return paths
+
+
+@hydra.main(config_path=str(config_dir()), config_name="visualize", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        paths = visualize(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    for path in paths:
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""End of training reports test/nll; vaelab.evaluate reads a checkpoint and writes its protocol."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+from vaelab import config_dir
+from vaelab.config import ConfigError
+from vaelab.evaluate import evaluate, main
+from vaelab.train import train
+
+
+def evaluate_cfg(*overrides: str) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("evaluate", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+@pytest.fixture
+def trained_run(make_cfg, tmp_path) -> Path:
+    """A tiny run (static binarization) whose test stage logs test/nll with K = 20."""
+    metrics = train(make_cfg("data.binarize=static", "model.iw_samples_test=20", "logger=none"))
+    assert math.isfinite(metrics["test/nll"])
+    assert metrics["test/bits_per_dim"] == pytest.approx(metrics["test/nll"] / (784 * math.log(2)))
+    return tmp_path / "run"
+
+
+def test_end_of_training_reports_nll_only_when_asked(make_cfg):
+    metrics = train(make_cfg("model.iw_samples_test=0", "logger=none", "callbacks=none"))
+    assert "test/elbo" in metrics and "test/nll" not in metrics
+
+
+def test_evaluate_writes_flat_results_with_protocol(trained_run, fake_root, tmp_path):
+    ckpt = next((trained_run / "checkpoints").glob("best-*.ckpt"))
+    results = evaluate(evaluate_cfg(f"ckpt_path={ckpt}", "iw_samples=30", "chunk_size=700",
+                                    f"data.root={fake_root}"))
+    written = json.loads((trained_run / "evaluation.json").read_text())
+    assert written == results
+    assert written["binarize"] == "static" and written["n_images"] == 80 and written["iw_samples"] == 30
+    assert written["epochs"] == 1 and written["split"] == "test"
+    assert written["test/elbo"] == pytest.approx(-(written["test/rec"] + written["test/kl"]))
+    assert -written["test/elbo"] - 5 < written["test/nll"] <= -written["test/elbo"]
+    assert written["test/nll"] / (784 * math.log(2)) == pytest.approx(written["test/bits_per_dim"])
+    assert len(written["test/kl_per_dim"]) == 3 and 0 <= written["test/active_units"] <= 3
+    assert (trained_run / "kl_per_dim.png").is_file()
+    assert list((trained_run / "tensorboard").glob("events.*"))
+
+    other = evaluate(evaluate_cfg(f"ckpt_path={ckpt}", "iw_samples=5", "split=val", "data.binarize=none",
+                                  f"out_dir={tmp_path / 'grey'}"))
+    assert other["binarize"] == "none" and other["n_images"] == 40 and "val/nll" in other
+    assert (tmp_path / "grey" / "evaluation.json").is_file()
+
+
+def run_main(monkeypatch, *args: str) -> int:
+    """``python -m vaelab.evaluate args...``, in this process; returns the exit status."""
+    monkeypatch.setattr(sys, "argv", ["vaelab.evaluate", *args])
+    GlobalHydra.instance().clear()
+    try:
+        main()
+    except SystemExit as exit:
+        return exit.code
+    return 0
+
+
+def test_evaluate_cli_prints_results_and_refuses_a_bad_path(trained_run, tmp_path, monkeypatch, capsys):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    assert run_main(monkeypatch, f"ckpt_path={ckpt}", "iw_samples=10", f"out_dir={tmp_path / 'cli'}") == 0
+    assert '"test/nll"' in capsys.readouterr().out and (tmp_path / "cli" / "evaluation.json").is_file()
+
+    assert run_main(monkeypatch, f"ckpt_path={tmp_path / 'nope.ckpt'}") == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f"error: ckpt_path: no checkpoint file at {tmp_path / 'nope.ckpt'}"]
+
+
+def test_evaluate_checks_its_settings_before_work(tmp_path):
+    with pytest.raises(ConfigError, match="ckpt_path is required"):
+        evaluate(evaluate_cfg())
+    (tmp_path / "x.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="iw_samples must be a positive integer"):
+        evaluate(evaluate_cfg(f"ckpt_path={tmp_path / 'x.ckpt'}", "iw_samples=0"))
+    with pytest.raises(ConfigError, match="split must be one of"):
+        evaluate(evaluate_cfg(f"ckpt_path={tmp_path / 'x.ckpt'}", "split=holdout"))
+    with pytest.raises(ConfigError, match="not a readable PyTorch checkpoint"):
+        evaluate(evaluate_cfg(f"ckpt_path={tmp_path / 'x.ckpt'}"))

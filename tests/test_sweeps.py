@@ -1,0 +1,79 @@
+"""Sweeps end to end on the tiny data set: a grid, an Optuna search, parallel and submitit
+launchers; a failing job (bad config, NaN loss) is recorded and the others go on."""
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import yaml
+from conftest import TINY
+from hydra.core.global_hydra import GlobalHydra
+
+from vaelab import train
+
+# No checkpoints, pictures or TensorBoard: each job is a second or two. The NaN check stays.
+FAST = [*TINY, "callbacks=finite_loss", "logger=none"]
+
+
+def sweep(sweep_dir: Path, fake_root: Path, *overrides: str) -> list[Path]:
+    """``python -m vaelab.train -m ...`` in this process; the job directories, in job order."""
+    argv = ["vaelab.train", "-m", f"data.root={fake_root}", *FAST, f"hydra.sweep.dir={sweep_dir}", *overrides]
+    GlobalHydra.instance().clear()
+    with mock.patch.object(sys, "argv", argv):
+        train.main()
+    GlobalHydra.instance().clear()
+    return sorted((p for p in sweep_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def metrics(job: Path) -> dict:
+    return json.loads((job / "metrics.json").read_text())
+
+
+def report_rows(sweep_dir: Path) -> dict[str, dict[str, str]]:
+    with (sweep_dir / "report.csv").open() as f:
+        return {row["job"]: row for row in csv.DictReader(f)}
+
+
+def test_grid_goes_on_past_a_bad_config(fake_root, tmp_path):
+    jobs = sweep(tmp_path, fake_root, "dropout=0,0.1,1.5")
+    assert [j.name for j in jobs] == ["0", "1", "2"]
+    assert all((j / "metrics.json").is_file() for j in jobs[:2])
+    assert not (jobs[2] / "metrics.json").exists()
+    assert (jobs[2] / "error.txt").read_text().startswith("ConfigError: dropout must be in [0, 1)")
+    rows = report_rows(tmp_path)  # written by the sweep's end-of-run callback
+    assert [rows[n]["status"] for n in "012"] == ["ok", "ok", "failed"]
+    assert [rows[n]["dropout"] for n in "012"] == ["0", "0.1", "1.5"]
+    for job in jobs[:2]:
+        assert float(rows[job.name]["val/loss"]) == metrics(job)["val/loss"]
+    assert (tmp_path / "report.png").stat().st_size > 0
+
+
+def test_optuna_search_three_trials(fake_root, tmp_path):
+    jobs = sweep(tmp_path, fake_root, "hparams_search=optuna", "hydra.sweeper.n_trials=3",
+                 "hydra.sweeper.sampler.n_startup_trials=2")
+    assert len(jobs) == 3
+    trials = [dict(o.split("=", 1) for o in yaml.safe_load((j / ".hydra/overrides.yaml").read_text())) for j in jobs]
+    assert all({"lr", "latent_dim", "dropout", "l2", "model.beta"} <= set(t) for t in trials)
+    assert len({t["lr"] for t in trials}) == 3
+    best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(min(metrics(j)["val/loss"] for j in jobs))
+
+
+def test_joblib_runs_jobs_in_parallel_and_survives_a_nan(fake_root, tmp_path):
+    jobs = sweep(tmp_path, fake_root, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "lr=1e-3,1e10")
+    assert (jobs[0] / "metrics.json").is_file()
+    assert (jobs[1] / "error.txt").read_text().startswith("FloatingPointError: the training loss became NaN")
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert all(f"torch threads: {threads}" in (j / "train.log").read_text() for j in jobs)
+    assert report_rows(tmp_path)["1"]["status"] == "failed"
+
+
+def test_submitit_local_two_jobs(fake_root, tmp_path):
+    jobs = sweep(tmp_path, fake_root, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
+                 "latent_dim=2,3")
+    assert [metrics(j)["val/loss"] > 0 for j in jobs] == [True, True]
+    assert [yaml.safe_load((j / "config.yaml").read_text())["latent_dim"] for j in jobs] == [2, 3]
