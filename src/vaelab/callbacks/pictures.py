@@ -66,6 +66,8 @@ class Pictures(Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
+            if not self.encodes_finitely(pl_module):
+                return  # diverged: nothing to draw; FiniteLossCheck stops the run with a message
             image = self.draw(pl_module, early)
         finally:
             pl_module.train(was_training)
@@ -75,6 +77,11 @@ class Pictures(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(f"pictures/{self.name}", image, step)
+
+    @torch.no_grad()
+    def encodes_finitely(self, pl_module: LightningModule) -> bool:
+        """Whether the model still maps the first fixed images to finite posterior parameters."""
+        return all(bool(torch.isfinite(t).all()) for t in pl_module.encode(self.x[:16]))
 
     def draw(self, pl_module: LightningModule, early: bool) -> Tensor:
         """The picture, ``[3, H, W]`` in [0, 1]; ``early`` at the log-spaced steps."""
