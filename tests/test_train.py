@@ -67,3 +67,9 @@ def test_nan_loss_stops_the_run(make_cfg):
 def test_debug_fast_runs_without_checkpoints(make_cfg, tmp_path):
     metrics = train(make_cfg("debug=fast"))
     assert metrics["best_checkpoint"] is None and "test/elbo" in metrics
+
+
+def test_csv_logger_run(make_cfg, tmp_path):
+    train(make_cfg("logger=csv", "callbacks=none"))
+    lines = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()
+    assert "final/test/elbo" in lines[0] and "val/loss" in lines[0]

@@ -23,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from vaelab import config_dir
@@ -131,7 +132,11 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
     numbers = {k: v for k, v in metrics.items() if isinstance(v, float)}
     final = {f"final/{k}": v for k, v in numbers.items()}  # own tags: the curves keep their steps
     for logger in trainer.loggers:
-        logger.log_hyperparams(hyperparameters(cfg), final)
+        if isinstance(logger, TensorBoardLogger):  # its HParams tab pairs them with the metrics
+            logger.log_hyperparams(hyperparameters(cfg), final)
+        else:
+            logger.log_hyperparams(hyperparameters(cfg))
+            logger.log_metrics(final, step=trainer.global_step)
         logger.save()
     write_json(output_dir / "metrics.json", metrics)
     log.info("metrics: %s", json.dumps(numbers, sort_keys=True))

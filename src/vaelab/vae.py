@@ -115,7 +115,9 @@ class VAE(pl.LightningModule):
         ``trainer.log_every_n_steps`` steps): ``self.log`` costs about as much Python time as the
         rest of a step, so the steps in between skip it."""
         trainer = self._trainer
-        return trainer is None or trainer._logger_connector.should_update_logs or bool(trainer.fast_dev_run)
+        if trainer is None or trainer.fast_dev_run:
+            return True
+        return (trainer.global_step + 1) % trainer.log_every_n_steps == 0
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "train")
