@@ -39,6 +39,14 @@ def test_bernoulli_log_likelihood_is_summed_bce_by_hand():
     torch.testing.assert_close(bernoulli_log_likelihood(logits, x), torch.tensor(by_hand, dtype=torch.float64))
 
 
+def test_bernoulli_log_likelihood_on_grey_levels_is_minus_bce():
+    g = torch.Generator().manual_seed(4)
+    logits = 3 * torch.randn(2, 5, 1, 28, 28, generator=g, dtype=torch.float64)
+    x = torch.rand(5, 1, 28, 28, generator=g, dtype=torch.float64)  # grey levels, broadcast over 2 samples
+    bce = torch.nn.functional.binary_cross_entropy(torch.sigmoid(logits), x.expand_as(logits), reduction="none")
+    torch.testing.assert_close(bernoulli_log_likelihood(logits, x), -bce.flatten(2).sum(-1))
+
+
 def test_bernoulli_log_likelihood_keeps_sample_dims():
     logits, x = torch.zeros(5, 3, 1, 28, 28), torch.ones(3, 1, 28, 28)
     out = bernoulli_log_likelihood(logits, x)

@@ -34,6 +34,12 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | No
     return str(path)
 
 
+def run_directory(ckpt_path: str | Path) -> Path:
+    """The training run's directory of a checkpoint: the folder above ``checkpoints/``, else its folder."""
+    folder = Path(ckpt_path).resolve().parent
+    return folder.parent if folder.name == "checkpoints" else folder
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint's contents, or a :class:`ConfigError` if the file is not a checkpoint."""
     try:

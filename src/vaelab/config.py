@@ -1,6 +1,8 @@
 """Checks on a composed config, so that a user's mistake is one readable line before training."""
 
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -10,6 +12,16 @@ BINARIZE = ("dynamic", "static", "none")
 
 class ConfigError(ValueError):
     """A mistake in the user's config or inputs: printed as one line, exit status 2."""
+
+
+@contextmanager
+def exit_on_config_error() -> Iterator[None]:
+    """For entry points: a :class:`ConfigError` becomes ``error: ...`` on stderr and exit status 2."""
+    try:
+        yield
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _walk(node: Any, key: str, path: str = "") -> Iterator[tuple[str, Any]]:

@@ -17,7 +17,6 @@ The ELBO terms come from the same ``K`` samples: ``elbo = mean_k log w_k``,
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,8 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from vaelab import config_dir
-from vaelab.checkpoint import load_model, read_checkpoint
-from vaelab.config import ConfigError
+from vaelab.checkpoint import load_model, read_checkpoint, run_directory
+from vaelab.config import ConfigError, exit_on_config_error
 from vaelab.diagnostics import (
     ACTIVE_THRESHOLD,
     activity,
@@ -56,11 +55,6 @@ def check(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be a positive integer, got {value!r}")
     if cfg.split not in SPLITS:
         raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {cfg.split!r}")
-
-
-def run_directory(ckpt_path: Path) -> Path:
-    """The training run's directory: the folder above ``checkpoints/``."""
-    return ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
 
 
 def load_split(data_cfg: DictConfig, split: str, device: torch.device) -> Tensor:
@@ -125,11 +119,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(config_path=str(config_dir()), config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_config_error():
         results = evaluate(cfg)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else run_directory(Path(cfg.ckpt_path))
     print(json.dumps({k: v for k, v in results.items() if not isinstance(v, list)}, indent=2))
     print(f"wrote {out_dir / 'evaluation.json'} and {out_dir / 'kl_per_dim.png'}")

@@ -24,11 +24,13 @@ def bernoulli_log_likelihood(logits: Tensor, x: Tensor, event_dims: int = 3) -> 
     """``log p(x|z)`` of a Bernoulli decoder with these logits, summed over the last
     ``event_dims`` dims (channel, height, width): ``[..., C, H, W] -> [...]``.
 
-    ``x`` may be binary or grey levels in [0, 1]; for grey levels this is the negative binary
-    cross-entropy, which is what the classic write-ups optimise (not a normalised likelihood).
+    ``log p(x|z) = sum_i x_i l_i - softplus(l_i)``, which is minus the binary cross-entropy with
+    logits for any ``x`` in [0, 1]; the ``x . l`` sum is a matrix product, so ``x`` broadcasts
+    over leading sample dims without copies. For grey-level ``x`` this is what the classic
+    write-ups optimise (not a normalised likelihood).
     """
-    bce = F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none")
-    return -bce.flatten(start_dim=-event_dims).sum(dim=-1)
+    logits, x = logits.flatten(start_dim=-event_dims), x.flatten(start_dim=-event_dims)
+    return torch.einsum("...p,...p->...", logits, x) - F.softplus(logits).sum(dim=-1)
 
 
 def gaussian_rsample(mean: Tensor, log_var: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -5,7 +5,6 @@ and linear spacing, interpolations); prints the paths.
 The checkpoint's saved config rebuilds its model and its data (test split, same binarization).
 """
 
-import sys
 from pathlib import Path
 
 import hydra
@@ -15,15 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
 from vaelab import config_dir, plots
-from vaelab.checkpoint import load_model
-from vaelab.config import ConfigError
-
-
-def default_out_dir(ckpt_path: Path) -> Path:
-    """``<run dir>/images`` for a checkpoint in ``<run dir>/checkpoints/``, else next to it."""
-    folder = ckpt_path.resolve().parent
-    run_dir = folder.parent if folder.name == "checkpoints" else folder
-    return run_dir / "images"
+from vaelab.checkpoint import load_model, run_directory
+from vaelab.config import ConfigError, exit_on_config_error
 
 
 @torch.no_grad()
@@ -57,7 +49,7 @@ def visualize(cfg: DictConfig) -> list[Path]:
         "manifold_linear": plots.manifold(model, spacing="linear", **grid),
         "interpolations": plots.interpolations(model, pairs[0::2], pairs[1::2], cfg.steps),
     }
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(ckpt_path)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else run_directory(ckpt_path) / "images"
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, image in pictures.items():
@@ -68,11 +60,8 @@ def visualize(cfg: DictConfig) -> list[Path]:
 
 @hydra.main(config_path=str(config_dir()), config_name="visualize", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_config_error():
         paths = visualize(cfg)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     for path in paths:
         print(path)
 
