@@ -20,7 +20,7 @@ import torch
 from vaelab.data import MNISTDataModule
 from vaelab.nets.mlp import MLPDecoder, MLPEncoder
 from vaelab.objectives import bernoulli_log_likelihood, kl_normal
-from vaelab.train import TrainingProgress
+from vaelab.train import ProcessGroupTeardown, TrainingProgress
 from vaelab.vae import VAE
 
 BATCH, STEPS, LATENT = 16, 3, 3
@@ -52,8 +52,8 @@ def fit(root: Path, tmp_path: Path, devices: int) -> tuple[FixedNoiseVAE, dict[s
         accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
         max_steps=STEPS, val_check_interval=STEPS, limit_val_batches=None, num_sanity_val_steps=0,
         gradient_clip_val=5.0, gradient_clip_algorithm="value", use_distributed_sampler=False,
-        callbacks=[TrainingProgress()], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[TrainingProgress(), ProcessGroupTeardown()], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
     )
     trainer.fit(model, datamodule=data)
     return model, {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -65,6 +65,22 @@ class TrainingProgress(pl.Callback):
         trainer.callback_metrics["global_step"] = torch.tensor(trainer.global_step)
 
 
+class ProcessGroupTeardown(pl.Callback):
+    """Ends the ``torch.distributed`` process group when a stage ends, all ranks together.
+
+    Lightning destroys an NCCL group at exit but leaves a gloo group (DDP on CPUs) to the
+    interpreter's shutdown, where its threads are torn down in no set order: now and then a
+    spawned worker then aborts ("terminate called without an active exception", SIGABRT) after
+    its work is done, and the whole run fails. A barrier, then an orderly destroy, avoids that;
+    the next stage (validate, test) starts a new group.
+    """
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
 @rank_zero_only
 def write_error(output_dir: Path, err: BaseException) -> None:
     """``error.txt`` of a failed sweep job: the error on its first line, then the traceback."""
@@ -114,7 +130,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
     datamodule.prepare_data()  # missing data fails here, before the Trainer starts
 
     callbacks = [*instantiate_all(cfg.get("callbacks")), SaveConfigInCheckpoint(cfg), TrainingProgress()]
-    callbacks += extra_callbacks
+    callbacks += [ProcessGroupTeardown(), *extra_callbacks]
     loggers = instantiate_all(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     write_run_info(output_dir, cfg)
