@@ -1,7 +1,7 @@
 """Training speed of one VAE three ways, in one process: a bare loop, the usual DataLoader, vaelab.
 
     python benchmarks/train_speed.py --data-root ../shared/data [--epochs 5] [--device cuda]
-    python benchmarks/train_speed.py --data-root ../shared/data model.optimizer.fused=true
+    python benchmarks/train_speed.py --data-root ../shared/data trainer.precision=bf16-mixed
 
 - ``bare``: a hand-written loop over the training images held as one tensor on the device
   (shuffled index slices, a Bernoulli draw per batch): the practical floor for this model.
@@ -14,7 +14,8 @@
 All three train the same model from the same config (``model=mlp``: 784-500-500-50, Adam, batch
 128, gradients clipped as ``trainer.gradient_clip_val``) on the same 50,000 images, so only the
 pipeline differs. Extra ``key=value`` arguments are Hydra overrides of that config and apply to
-all three. Each mode runs one warm-up epoch first (not counted); the timed epochs are then
+all three (``trainer.precision=bf16-mixed``: the hand-written loops run the forward pass under
+bfloat16 autocast, as Lightning does). Each mode runs one warm-up epoch first (not counted); the timed epochs are then
 interleaved (vaelab epoch, bare epoch, dataloader epoch, ...) so that background load hits all
 modes alike, and the table shows medians. Training throughput counts the training batches only;
 vaelab's validation pass (and the bare loop's, batched the same way) is timed apart. Peak memory
@@ -46,6 +47,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
 import vaelab
+from vaelab.config import PRECISIONS
 from vaelab.train import train
 
 MODES = ("bare", "dataloader", "vaelab")
@@ -122,13 +124,16 @@ class Loop:
         self.optimizer = self.model.configure_optimizers()
         self.clip = cfg.trainer.gradient_clip_val
         self.batches, self.device = batches, device
+        # trainer.precision=bf16-mixed as Lightning does it: the forward pass under bfloat16 autocast
+        self.bf16 = str(cfg.trainer.precision) == "bf16-mixed"
         self.times: list[float] = []
         self.images = 0
 
     def epoch(self) -> None:
         start, images = clock(self.device), 0
         for x in self.batches():
-            rec, kl = self.model(x)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                rec, kl = self.model(x)
             loss = rec.mean() + self.model.beta * kl.mean()
             self.optimizer.zero_grad()
             loss.backward()
@@ -144,7 +149,8 @@ class Loop:
         """Seconds for one validation pass (the ELBO terms) over resident ``x``."""
         start = clock(self.device)
         for batch in x.split(batch_size):
-            rec, kl = self.model(batch)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                rec, kl = self.model(batch)
             torch.stack([rec.mean(), kl.mean()])
         return clock(self.device) - start
 
@@ -353,13 +359,16 @@ def main(argv: list[str] | None = None) -> dict:
             cfg = compose_config(args.data_root, args.device, output_dir, args.overrides)
         except ConfigCompositionException as err:
             parser.error(str(err).splitlines()[0])
+        if str(cfg.trainer.precision) not in PRECISIONS:
+            parser.error(f"trainer.precision must be one of {', '.join(PRECISIONS)}")
         instantiate(cfg.data).prepare_data()  # missing data: one readable error before any timing
         load = os.getloadavg()[0]
         results = measure(cfg, modes, args.epochs, device, args.workers)
     hidden = "-".join(str(h) for h in cfg.model.encoder.hidden_dims)
     info = {
         "model": f"MLP VAE 784-{hidden}-{cfg.latent_dim}, batch {cfg.data.batch_size}, "
-        f"{cfg.model.optimizer._target_.rsplit('.', 1)[-1]}, binarize={cfg.data.binarize}",
+        f"{cfg.model.optimizer._target_.rsplit('.', 1)[-1]}, binarize={cfg.data.binarize}, "
+        f"precision {cfg.trainer.precision}",
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",

@@ -57,6 +57,20 @@ def test_main_prints_table_ratios_and_json(fake_root, capsys):
     assert "dataloader" not in record["results"]
 
 
+def test_bf16_mixed_benchmark_runs(fake_root):
+    record = train_speed.main(["--data-root", str(fake_root), "--epochs", "1", "--modes", "bare,dataloader",
+                               *OVERRIDES, "trainer.precision=bf16-mixed"])
+    assert "precision bf16-mixed" in record["model"]
+    assert all(r["train_images_per_s"] > 0 for r in record["results"].values())
+
+
+def test_unsupported_precision_is_one_line_error(fake_root, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_speed.main(["--data-root", str(fake_root), "trainer.precision=16-true"])
+    assert exit_info.value.code == 2
+    assert "trainer.precision must be one of 32-true, bf16-mixed" in capsys.readouterr().err
+
+
 def test_unknown_mode_is_one_line_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         train_speed.main(["--modes", "bare,fast"])

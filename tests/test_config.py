@@ -43,6 +43,7 @@ def test_top_level_keys_reach_the_groups(make_cfg):
         ("lr=-1", "lr must be a positive number"),
         ("batch_size=0", "batch_size must be a positive integer"),
         ("data.binarize=maybe", "data.binarize must be one of dynamic, static, none"),
+        ("trainer.precision=bf17", "trainer.precision must be one of 32-true, bf16-mixed"),
         ("max_epochs=0", "max_epochs must be"),
         ("ckpt_path=/no/such/file.ckpt", "ckpt_path: no checkpoint file at /no/such/file.ckpt"),
         ("ckpt_path=last", "ckpt_path=last needs hydra.run.dir"),

@@ -86,6 +86,8 @@ def test_evaluate_checks_its_settings_before_work(tmp_path):
     (tmp_path / "x.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="iw_samples must be a positive integer"):
         evaluate(evaluate_cfg(f"ckpt_path={tmp_path / 'x.ckpt'}", "iw_samples=0"))
+    with pytest.raises(ConfigError, match="chunk_size must be a positive integer"):
+        evaluate(evaluate_cfg(f"ckpt_path={tmp_path / 'x.ckpt'}", "chunk_size=0"))
     with pytest.raises(ConfigError, match="split must be one of"):
         evaluate(evaluate_cfg(f"ckpt_path={tmp_path / 'x.ckpt'}", "split=holdout"))
     with pytest.raises(ConfigError, match="not a readable PyTorch checkpoint"):

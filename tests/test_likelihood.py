@@ -18,7 +18,7 @@ from scipy.stats import norm
 from torch import Tensor, nn
 from torch.distributions import Normal
 
-from vaelab.likelihood import iw_estimates
+from vaelab.likelihood import default_chunk_size, iw_estimates
 from vaelab.objectives import gaussian_log_density, iw_log_likelihood, log_importance_weights
 from vaelab.vae import VAE
 
@@ -88,7 +88,7 @@ def test_quadrature_is_a_distribution(model, images):
     assert np.all(elbo < log_px - 0.05)  # the setting leaves a visible gap
 
 
-@pytest.mark.parametrize("chunk_size", [3_000, 50_000])  # samples in chunks / 2 images per chunk
+@pytest.mark.parametrize("chunk_size", [None, 3_000, 50_000])  # CPU default / samples in chunks / 2 images
 def test_iw_estimate_matches_exact_log_likelihood(model, images, chunk_size):
     x = images[[0, 5, 22, 41, 63]]
     exact, _ = quadrature(model, x)
@@ -144,3 +144,8 @@ def test_log_densities_shapes_for_the_mlp_vae(make_cfg):
     vae = instantiate(make_cfg().model)
     log_px_z, log_pz, log_qz = vae.log_densities(torch.rand(5, 1, 28, 28).round(), n_samples=3)
     assert log_px_z.shape == log_pz.shape == log_qz.shape == (3, 5)
+
+
+def test_default_chunk_size_by_device():
+    assert default_chunk_size(torch.device("cpu")) == 2_000
+    assert default_chunk_size(torch.device("cuda")) == 20_000

@@ -70,3 +70,12 @@ def test_rsample_has_the_posterior_moments():
     z = gaussian_rsample(mean.expand(200_000, 2), log_var.expand(200_000, 2), torch.Generator().manual_seed(3))
     torch.testing.assert_close(z.mean(0), mean, atol=0.02, rtol=0)
     torch.testing.assert_close(z.std(0), torch.tensor([1.0, 2.0]), atol=0.02, rtol=0)
+
+
+def test_bernoulli_log_likelihood_stays_float32_under_bf16_autocast():
+    g = torch.Generator().manual_seed(5)
+    logits, x = 3 * torch.randn(4, 1, 28, 28, generator=g), torch.rand(4, 1, 28, 28, generator=g).round()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = bernoulli_log_likelihood(logits, x)
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, bernoulli_log_likelihood(logits, x))

@@ -73,3 +73,10 @@ def test_csv_logger_run(make_cfg, tmp_path):
     train(make_cfg("logger=csv", "callbacks=none"))
     lines = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()
     assert "final/test/elbo" in lines[0] and "val/loss" in lines[0]
+
+
+def test_bf16_mixed_precision_run(make_cfg, tmp_path):
+    metrics = train(make_cfg("trainer.precision=bf16-mixed", output_dir=tmp_path / "bf16"))
+    reference = train(make_cfg(output_dir=tmp_path / "fp32"))
+    assert metrics["test/elbo"] == pytest.approx(reference["test/elbo"], rel=0.02)
+    assert metrics["test/elbo"] != reference["test/elbo"]

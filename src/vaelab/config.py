@@ -8,6 +8,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 BINARIZE = ("dynamic", "static", "none")
+PRECISIONS = ("32-true", "bf16-mixed")  # the Trainer's precisions the VAE is tested with
 
 
 class ConfigError(ValueError):
@@ -66,6 +67,7 @@ def validate(cfg: DictConfig) -> None:
         ("trainer.max_epochs", "max_epochs", lambda v: _is_int(v) and (v > 0 or v == -1),
          "a positive integer, or -1 for no limit"),
         ("seed", "seed", _is_int, "an integer"),
+        ("trainer.precision", "trainer.precision", lambda v: str(v) in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
     ]
     for path, key, ok, expected in checks:
         value = OmegaConf.select(cfg, path, default=None)

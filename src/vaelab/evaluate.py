@@ -51,6 +51,8 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"ckpt_path: no checkpoint file at {cfg.ckpt_path}")
     for key in ("iw_samples", "chunk_size"):
         value = cfg[key]
+        if key == "chunk_size" and value is None:
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{key} must be a positive integer, got {value!r}")
     if cfg.split not in SPLITS:

@@ -5,7 +5,9 @@ three log-densities through ``model.log_densities(x, n_samples) -> (log p(x|z), 
 log q(z|x))``, each ``[n_samples, B]``, so any posterior or likelihood that provides them plugs
 in. Work is batched over images and samples together: each chunk decodes at most ``chunk_size``
 latent samples (``images_per_chunk * samples_per_chunk``), which bounds memory
-(about 16 KB per sample for the MLP: 20,000 samples ~ 0.3 GB).
+(about 16 KB per sample for the MLP: 20,000 samples ~ 0.3 GB). The default suits the device: on
+a CPU small chunks keep the activations in cache (K = 1000, 2 cores: 2,000 samples a chunk took
+113 s per 10,000 images, 20,000 took 169 s), while a GPU wants large ones.
 
 Precision: the per-sample log-densities and the logsumexp are float32 (logsumexp subtracts the
 maximum, so the K-term sum is exact to float32 rounding, ~1e-6 relative); means over images are
@@ -21,7 +23,12 @@ from tqdm.auto import tqdm
 
 from vaelab.objectives import iw_log_likelihood, log_importance_weights
 
-DEFAULT_CHUNK_SIZE = 20_000
+DEFAULT_CHUNK_SIZE = {"cpu": 2_000}  # other devices: 20,000
+
+
+def default_chunk_size(device: torch.device) -> int:
+    """Latent samples decoded at once by default on ``device``."""
+    return DEFAULT_CHUNK_SIZE.get(device.type, 20_000)
 
 
 class HasLogDensities(Protocol):
@@ -47,11 +54,13 @@ def iw_estimates(
     model: HasLogDensities,
     x: Tensor,
     n_samples: int,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     progress: bool = False,
 ) -> Estimates:
     """Importance-weighted ``log p(x)`` and the ELBO terms of images ``x [N, ...]`` with
-    ``n_samples`` posterior samples each, decoding at most ``chunk_size`` samples at a time."""
+    ``n_samples`` posterior samples each, decoding at most ``chunk_size`` samples at a time
+    (default: :func:`default_chunk_size` of ``x``'s device)."""
+    chunk_size = chunk_size or default_chunk_size(x.device)
     if n_samples < 1 or chunk_size < 1:
         raise ValueError(f"n_samples and chunk_size must be positive: {n_samples}, {chunk_size}")
     images_per_chunk = max(1, chunk_size // n_samples)

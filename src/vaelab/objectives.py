@@ -8,8 +8,9 @@ training loss is ``rec + beta * kl``. All functions keep every leading (batch, s
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from vaelab.fastmath import softplus
 
 
 def kl_normal(mean: Tensor, log_var: Tensor) -> Tensor:
@@ -30,7 +31,8 @@ def bernoulli_log_likelihood(logits: Tensor, x: Tensor, event_dims: int = 3) -> 
     write-ups optimise (not a normalised likelihood).
     """
     logits, x = logits.flatten(start_dim=-event_dims), x.flatten(start_dim=-event_dims)
-    return torch.einsum("...p,...p->...", logits, x) - F.softplus(logits).sum(dim=-1)
+    with torch.autocast(logits.device.type, enabled=False):  # not a bfloat16 matmul under bf16-mixed
+        return torch.einsum("...p,...p->...", logits, x) - softplus(logits).sum(dim=-1)
 
 
 def gaussian_rsample(mean: Tensor, log_var: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -4,6 +4,11 @@ Posterior ``q(z|x) = N(mean, diag(exp(log_var)))`` from the encoder, prior ``p(z
 likelihood ``p(x|z) = Bernoulli(sigmoid(decoder(z)))`` per pixel. Every logged number is in nats
 per image: ``rec = -log p(x|z)`` summed over pixels, ``kl`` summed over latent dimensions, both
 averaged over the batch; ``elbo = -(rec + kl)``; ``loss = rec + beta * kl``.
+
+Precision: under ``trainer.precision=bf16-mixed`` the networks run in bfloat16 (autocast), but
+:meth:`VAE.encode` and :meth:`VAE.decode` return their results in the dtype of their input
+(float32), and the objective is computed in float32 (:mod:`vaelab.objectives`), so logged nats
+keep float32 resolution.
 """
 
 import math
@@ -11,6 +16,8 @@ from collections.abc import Callable, Iterable
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins.precision import MixedPrecision, Precision
+from pytorch_lightning.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -57,11 +64,12 @@ class VAE(pl.LightningModule):
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``x [B, 1, 28, 28] -> (mean, log_var)`` of ``q(z|x)``, each ``[B, latent_dim]``."""
-        return self.encoder(x)
+        mean, log_var = self.encoder(x)
+        return mean.to(x.dtype), log_var.to(x.dtype)
 
     def decode(self, z: Tensor) -> Tensor:
         """``z [..., latent_dim] -> `` Bernoulli logits ``[..., 1, 28, 28]``."""
-        return self.decoder(z)
+        return self.decoder(z).to(z.dtype)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
@@ -133,6 +141,20 @@ class VAE(pl.LightningModule):
             bits_per_dim = nll / (x[0].numel() * math.log(2))
             metrics = {"test/nll": nll, "test/bits_per_dim": bits_per_dim}
             self.log_dict(metrics, on_epoch=True, batch_size=float(len(x)), sync_dist=True)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: GradClipAlgorithmType | None = None,
+    ) -> None:
+        plugin = self.trainer.precision_plugin
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is None and gradient_clip_val:
+            # bf16-mixed scales no gradients, yet Lightning refuses to clip them for a fused optimizer
+            # under any mixed precision (a guard for 16-mixed's scaler; Lightning-AI/pytorch-lightning#21435).
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, gradient_clip_algorithm)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> Optimizer:
         weights = [p for p in self.parameters() if p.ndim >= 2]

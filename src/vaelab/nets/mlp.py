@@ -11,6 +11,8 @@ from math import prod
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vaelab.fastmath import ELU
+
 
 class DropConnectLinear(nn.Linear):
     """``nn.Linear`` whose weight matrix, not its output, is dropped in training (DropConnect):
@@ -36,7 +38,7 @@ def mlp(sizes: Sequence[int], dropout: float = 0.0, weight_dropout: float = 0.0)
         else:
             layers.append(nn.Linear(n_in, n_out))
         if i < len(sizes) - 2:
-            layers.append(nn.ELU())
+            layers.append(ELU())
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)
