@@ -15,9 +15,9 @@ All three train the same model from the same config (``model=mlp``: 784-500-500-
 128, gradients clipped as ``trainer.gradient_clip_val``) on the same 50,000 images, so only the
 pipeline differs. Extra ``key=value`` arguments are Hydra overrides of that config and apply to
 all three (``trainer.precision=bf16-mixed``: the hand-written loops run the forward pass under
-bfloat16 autocast, as Lightning does). Each mode runs one warm-up epoch first (not counted); the timed epochs are then
-interleaved (vaelab epoch, bare epoch, dataloader epoch, ...) so that background load hits all
-modes alike, and the table shows medians. Training throughput counts the training batches only;
+bfloat16 autocast, as Lightning does). Each mode runs one warm-up epoch first (not counted);
+the timed epochs are then interleaved (vaelab epoch, bare epoch, dataloader epoch, ...) so that
+background load hits all modes alike, and the table shows medians. Training throughput counts the training batches only;
 vaelab's validation pass (and the bare loop's, batched the same way) is timed apart. Peak memory
 is the process's resident memory (GPU: allocated memory) above its level before the mode was set
 up, over its set-up and warm-up epoch. The last line is the whole result as JSON.

@@ -23,12 +23,10 @@ from tqdm.auto import tqdm
 
 from vaelab.objectives import iw_log_likelihood, log_importance_weights
 
-DEFAULT_CHUNK_SIZE = {"cpu": 2_000}  # other devices: 20,000
-
 
 def default_chunk_size(device: torch.device) -> int:
-    """Latent samples decoded at once by default on ``device``."""
-    return DEFAULT_CHUNK_SIZE.get(device.type, 20_000)
+    """Latent samples decoded at once by default on ``device``: 2,000 on a CPU, 20,000 elsewhere."""
+    return 2_000 if device.type == "cpu" else 20_000
 
 
 class HasLogDensities(Protocol):
