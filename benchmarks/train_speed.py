@@ -129,11 +129,15 @@ class Loop:
         self.times: list[float] = []
         self.images = 0
 
+    def terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The model's ``(rec, kl)``, under bfloat16 autocast for ``trainer.precision=bf16-mixed``."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.model(x)
+
     def epoch(self) -> None:
         start, images = clock(self.device), 0
         for x in self.batches():
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                rec, kl = self.model(x)
+            rec, kl = self.terms(x)
             loss = rec.mean() + self.model.beta * kl.mean()
             self.optimizer.zero_grad()
             loss.backward()
@@ -149,8 +153,7 @@ class Loop:
         """Seconds for one validation pass (the ELBO terms) over resident ``x``."""
         start = clock(self.device)
         for batch in x.split(batch_size):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                rec, kl = self.model(batch)
+            rec, kl = self.terms(batch)
             torch.stack([rec.mean(), kl.mean()])
         return clock(self.device) - start
 
