@@ -1,7 +1,10 @@
-"""Training speed of one VAE three ways, in one process: a bare loop, the usual DataLoader, vaelab.
+"""Training speed of one VAE in one process: a bare loop, the usual DataLoader, vaelab; eager and compiled.
 
-    python benchmarks/train_speed.py --data-root ../shared/data [--epochs 5] [--device cuda]
-    python benchmarks/train_speed.py --data-root ../shared/data trainer.precision=bf16-mixed
+    python benchmarks/train_speed.py --data-root DATA [--epochs 5] [--device cuda]
+    python benchmarks/train_speed.py --data-root DATA trainer.precision=bf16-mixed
+    python benchmarks/train_speed.py --data-root DATA --cli 3        # the CLI's whole epochs
+    python benchmarks/train_speed.py --data-root DATA --models all   # a row per model variant
+    python benchmarks/train_speed.py --data-root DATA --eval         # IW NLL at K = 1000
 
 - ``bare``: a hand-written loop over the training images held as one tensor on the device
   (shuffled index slices, a Bernoulli draw per batch): the practical floor for this model.
@@ -18,17 +21,43 @@ all three (``trainer.precision=bf16-mixed``: the hand-written loops run the forw
 bfloat16 autocast, as Lightning does). Each mode runs one warm-up epoch first (not counted);
 the timed epochs are then interleaved (vaelab epoch, bare epoch, dataloader epoch, ...) so that
 background load hits all modes alike, and the table shows medians. Training throughput counts the training batches only;
-vaelab's validation pass (and the bare loop's, batched the same way) is timed apart. Peak memory
+vaelab's validation pass (and the bare loop's, batched the same way) is timed apart, and vaelab's
+whole epoch (training, validation, pictures, checkpoints, logs) too. Peak memory
 is the process's resident memory (GPU: allocated memory) above its level before the mode was set
-up, over its set-up and warm-up epoch. The last line is the whole result as JSON.
+up, over its set-up and warm-up epoch.
+
+- ``bare-compiled``: the bare loop with its forward pass (and so its backward) compiled by
+  ``torch.compile`` (default inductor settings): the best a hand-written loop does here.
+- ``vaelab-compiled``: vaelab with ``compile=true``.
+
+Compiled modes report their compile time apart (``compile s``: the warm-up epoch's excess over a
+timed epoch), and every mode's throughput as a ratio to the eager bare loop of the same run.
+
+``--cli R``: the epochs a user sees. ``python -m vaelab.train`` (the default run: progress bar,
+pictures, checkpoints, logs, its test stage) is timed end to end for 1 and for 3 epochs; the
+difference over 2 is the CLI's whole epoch, start-up and test cancelling. Against it, an epoch of
+the bare loop that trains and validates the same way (``R`` rounds, interleaved; medians).
+
+``--models a,b | all``: a row per model variant (img/s and s/epoch of vaelab, eager and with
+``compile=true``); a variant whose config does not compose yet is skipped with a note.
+
+``--eval``: the importance-weighted NLL at ``--iw-samples`` (1000) over ``--test-images``
+(10,000) test images: :func:`vaelab.likelihood.iw_estimates` (eager and compiled) against a naive,
+correct reference written out here (chunks of 100 images x K samples, eager).
+
+The last line is the whole result as JSON.
 """
 
 import argparse
+import copy
 import json
 import logging
+import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -41,26 +70,39 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from torch import Tensor
+from torch.distributions import Normal
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
 import vaelab
 from vaelab.config import PRECISIONS
+from vaelab.likelihood import default_chunk_size, iw_estimates
+from vaelab.objectives import bernoulli_log_likelihood
 from vaelab.train import train
 
-MODES = ("bare", "dataloader", "vaelab")
+MODES = ("bare", "bare-compiled", "dataloader", "vaelab", "vaelab-compiled")
+VAELAB_MODES = {"vaelab": False, "vaelab-compiled": True}  # mode -> compile
+# Model variants for --models: Hydra overrides of the default config.
+VARIANTS = {
+    "mlp": [],
+    "iaf": ["posterior=iaf"],
+    "iwae5": ["objective=iwae", "model.objective.k=5"],
+    "conv": ["model=conv"],
+    "made": ["model=made"],
+    "m2": ["model=m2"],
+}
 # What the benchmark changes in the user's config: no progress bar (it is off in sweeps too), and
-# no importance-weighted test NLL, an evaluation that costs more than the training it follows.
-BENCHMARK_OVERRIDES = ["trainer.enable_progress_bar=false", "model.iw_samples_test=0"]
+# (compose_config) no importance-weighted test NLL, an evaluation that costs more than the training it follows.
+BENCHMARK_OVERRIDES = ["trainer.enable_progress_bar=false"]
 
 
 def compose_config(data_root: str, device: str, output_dir: str, overrides: list[str]) -> DictConfig:
     """``configs/train.yaml`` as ``python -m vaelab.train`` composes it."""
     trainer = "gpu" if device == "cuda" else "cpu"
     with initialize_config_dir(config_dir=str(vaelab.config_dir()), version_base="1.3"):
-        return compose(
+        cfg = compose(
             "train",
             overrides=[
                 f"data.root={data_root}",
@@ -70,6 +112,9 @@ def compose_config(data_root: str, device: str, output_dir: str, overrides: list
                 *overrides,
             ],
         )
+    if "iw_samples_test" in cfg.model:  # models without latent variables have no such key
+        cfg.model.iw_samples_test = 0
+    return cfg
 
 
 def clock(device: torch.device) -> float:
@@ -116,11 +161,15 @@ class PeakMemory:
 
 class Loop:
     """A hand-written training loop over ``batches()`` (images ``[B, 1, 28, 28]`` on the device),
-    doing what vaelab's training step does: ``loss = rec + beta * kl``, backward, clip, step."""
+    doing what vaelab's default training step does: ``loss = rec + kl``, backward, clip, step."""
 
-    def __init__(self, cfg: DictConfig, batches: Callable[[], Iterator[Tensor]], device: torch.device) -> None:
+    def __init__(
+        self, cfg: DictConfig, batches: Callable[[], Iterator[Tensor]], device: torch.device, compiled: bool = False
+    ) -> None:
         torch.manual_seed(cfg.seed)
         self.model = instantiate(cfg.model).to(device)
+        if compiled:  # the forward pass, and so (by AOT autograd) the backward; static batch shapes
+            self.terms = torch.compile(self.terms, dynamic=False)
         self.optimizer = self.model.configure_optimizers()
         self.clip = cfg.trainer.gradient_clip_val
         self.batches, self.device = batches, device
@@ -130,15 +179,20 @@ class Loop:
         self.images = 0
 
     def terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The model's ``(rec, kl)``, under bfloat16 autocast for ``trainer.precision=bf16-mixed``."""
+        """``(rec, kl)`` per image from the model's networks, written out as in pytorch/examples'
+        VAE, under bfloat16 autocast for ``trainer.precision=bf16-mixed``."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return self.model(x)
+            mean, log_var = (t.float() for t in self.model.encoder(x))
+            z = mean + (0.5 * log_var).exp() * torch.randn_like(mean)
+            logits = self.model.decoder(z).float()
+        rec = -bernoulli_log_likelihood(logits, x)
+        return rec, -0.5 * torch.sum(1 + log_var - mean.pow(2) - log_var.exp(), dim=-1)
 
     def epoch(self) -> None:
         start, images = clock(self.device), 0
         for x in self.batches():
             rec, kl = self.terms(x)
-            loss = rec.mean() + self.model.beta * kl.mean()
+            loss = rec.mean() + kl.mean()
             self.optimizer.zero_grad()
             loss.backward()
             if self.clip:
@@ -158,7 +212,7 @@ class Loop:
         return clock(self.device) - start
 
 
-def bare_loop(cfg: DictConfig, device: torch.device) -> tuple[Loop, Tensor]:
+def bare_loop(cfg: DictConfig, device: torch.device, compiled: bool = False) -> tuple[Loop, Tensor]:
     """The training images as one resident tensor, shuffled and binarized batch by batch; also
     the (fixed-binarized) validation images, for :meth:`Loop.evaluate`."""
     images = datasets.MNIST(cfg.data.root, train=True).data.unsqueeze(1).to(device).float().div_(255)
@@ -170,7 +224,7 @@ def bare_loop(cfg: DictConfig, device: torch.device) -> tuple[Loop, Tensor]:
             x = train_x[index]
             yield (torch.rand_like(x) < x).float()
 
-    return Loop(cfg, batches, device), val_x
+    return Loop(cfg, batches, device, compiled), val_x
 
 
 def dataloader_loop(cfg: DictConfig, device: torch.device, workers: int) -> Loop:
@@ -253,32 +307,65 @@ class EpochTimer(pl.Callback):
             self.between_epochs()
 
 
-def summary(seconds: list[float], images: int) -> dict:
-    """Throughput from the median of the timed epochs."""
+def summary(seconds: list[float], images: int, warmup_s: float | None = None) -> dict:
+    """Throughput from the median of the timed epochs; ``compile_s``, the warm-up epoch's excess
+    over the median, where the warm-up epoch compiled."""
     median = statistics.median(seconds)
     return {
         "train_images_per_s": images / median,
         "epoch_s": median,
         "epoch_times_s": seconds,
         "images": images,
+        **({"compile_s": warmup_s - median} if warmup_s is not None else {}),
     }
+
+
+def with_compile(cfg: DictConfig, compiled: bool) -> DictConfig:
+    """``cfg`` with ``compile`` set (a copy)."""
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.compile = compiled
+    return cfg
+
+
+def run_vaelab(cfg: DictConfig, epochs: int, memory: PeakMemory, between_epochs: Callable[[], None]) -> dict:
+    """``vaelab.train.train(cfg)`` for one warm-up and ``epochs`` timed epochs, running
+    ``between_epochs`` after each timed one."""
+    cfg = copy.deepcopy(cfg)
+    cfg.max_epochs = epochs + 1
+    memory.start()
+    timer = EpochTimer(memory, between_epochs)
+    train(cfg, extra_callbacks=[timer])
+    seconds, images = timer.seconds, timer.images
+    compiled = bool(cfg.get("compile")) and "compile" in cfg.model
+    result = {
+        **summary(seconds["train"][1:], images["train"], seconds["train"][0] if compiled else None),
+        "peak_mb": timer.peak_mb,
+        "full_epoch_s": statistics.median(seconds["epoch"][1:]),
+    }
+    if seconds["val"][1:]:
+        result["val_images_per_s"] = images["val"] / statistics.median(seconds["val"][1:])
+    if seconds["test"]:
+        result["test_images_per_s"] = images["test"] / statistics.median(seconds["test"])
+    return result
 
 
 def measure(cfg: DictConfig, modes: list[str], epochs: int, device: torch.device, workers: int = 0) -> dict:
     """Set up and warm up each mode in turn (one epoch), then time ``epochs`` interleaved epochs
-    of each; vaelab's run is ``vaelab.train.train(cfg)`` with ``max_epochs = epochs + 1``.
+    of each; a vaelab mode's run is ``vaelab.train.train(cfg)`` with ``max_epochs = epochs + 1``
+    (``compile=true`` for vaelab-compiled).
 
     Returns ``{mode: {"train_images_per_s", "epoch_s" (median), "epoch_times_s", "images",
     "peak_mb", ...}}``; vaelab adds the throughput of its validation and test passes, bare that
-    of the same validation pass in a hand-written loop.
+    of the same validation pass in a hand-written loop, compiled modes ``compile_s``.
     """
     loops: dict[str, Loop] = {}
     results: dict[str, dict] = {}
     memory = PeakMemory(device)
-    for mode in (m for m in MODES if m in modes and m != "vaelab"):
+    for mode in (m for m in MODES if m in modes and m not in VAELAB_MODES):
         memory.start()
-        if mode == "bare":
-            loops[mode], val_x = bare_loop(cfg, device)
+        if mode.startswith("bare"):
+            loops[mode], val_x = bare_loop(cfg, device, compiled=mode == "bare-compiled")
         else:
             loops[mode] = dataloader_loop(cfg, device, workers)
         loops[mode].epoch()
@@ -288,28 +375,115 @@ def measure(cfg: DictConfig, modes: list[str], epochs: int, device: torch.device
         for loop in loops.values():
             loop.epoch()
 
-    if "vaelab" in modes:
-        cfg.max_epochs = epochs + 1
-        memory.start()
-        timer = EpochTimer(memory, between_epochs)
-        train(cfg, extra_callbacks=[timer])
-        seconds, images = timer.seconds, timer.images
-        results["vaelab"] = {
-            **summary(seconds["train"][1:], images["train"]),
-            "peak_mb": timer.peak_mb,
-            "full_epoch_s": statistics.median(seconds["epoch"][1:]),
-            "val_images_per_s": images["val"] / statistics.median(seconds["val"][1:]),
-            "test_images_per_s": images["test"] / statistics.median(seconds["test"]),
-        }
-    else:
+    vaelab_modes = [m for m in VAELAB_MODES if m in modes]
+    for mode in vaelab_modes:
+        results[mode] = run_vaelab(with_compile(cfg, VAELAB_MODES[mode]), epochs, memory, between_epochs)
+    if not vaelab_modes:
         for _ in range(epochs):
             between_epochs()
     for mode, loop in loops.items():
-        results[mode].update(summary(loop.times[1:], loop.images))
-    if "bare" in loops:
-        seconds = [loops["bare"].evaluate(val_x, cfg.data.eval_batch_size) for _ in range(3)]
-        results["bare"]["val_images_per_s"] = len(val_x) / statistics.median(seconds)
+        warmup = loop.times[0] if mode == "bare-compiled" else None
+        results[mode].update(summary(loop.times[1:], loop.images, warmup))
+        if mode.startswith("bare"):
+            seconds = [loop.evaluate(val_x, cfg.data.eval_batch_size) for _ in range(3)]
+            results[mode]["val_images_per_s"] = len(val_x) / statistics.median(seconds)
     return {mode: results[mode] for mode in MODES if mode in results}
+
+
+def cli_epochs(cfg: DictConfig, data_root: str, overrides: list[str], rounds: int, device: torch.device) -> dict:
+    """The CLI's whole epoch as a user sees it, ``(wall(3 epochs) - wall(1 epoch)) / 2`` of
+    ``python -m vaelab.train``, against an epoch of the bare loop that trains and validates, in
+    ``rounds`` interleaved rounds; medians."""
+    loop, val_x = bare_loop(cfg, device)
+    loop.epoch()  # warm-up
+    threads = [f"threads={torch.get_num_threads()}"] if not any(o.startswith("threads=") for o in overrides) else []
+    trainer = ["trainer=gpu"] if device.type == "cuda" else []
+    bare_s, cli_s, walls = [], [], []
+    with tempfile.TemporaryDirectory(prefix="vaelab-cli-") as tmp:
+        for r in range(rounds):
+            start = clock(device)
+            loop.epoch()
+            loop.evaluate(val_x, cfg.data.eval_batch_size)
+            bare_s.append(clock(device) - start)
+            wall = {}
+            for n in (1, 3):
+                command = [sys.executable, "-m", "vaelab.train", f"data.root={data_root}", f"max_epochs={n}",
+                           f"hydra.run.dir={tmp}/run{r}-{n}", *threads, *trainer, *overrides]
+                start = time.perf_counter()
+                subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                wall[n] = time.perf_counter() - start
+            walls.append(wall)
+            cli_s.append((wall[3] - wall[1]) / 2)
+    bare, cli = statistics.median(bare_s), statistics.median(cli_s)
+    return {"cli_epoch_s": cli, "bare_epoch_s": bare, "bare/cli_pace": bare / cli,
+            "cli_epoch_times_s": cli_s, "bare_epoch_times_s": bare_s, "cli_walls_s": walls}
+
+
+def model_rows(cfg_for: Callable[[list[str]], DictConfig], names: list[str], epochs: int, device: torch.device) -> dict:
+    """vaelab's training throughput per model variant, eager and with ``compile=true`` (where the
+    model takes it); a variant that does not compose or instantiate is skipped with a note."""
+    rows: dict[str, dict] = {}
+    for name in names:
+        try:
+            cfg = cfg_for(VARIANTS[name])
+            instantiate(cfg.model)
+        except Exception as err:  # a variant that has not landed yet
+            print(f"{name}: skipped ({type(err).__name__}: {str(err).strip().splitlines()[0][:120]})")
+            continue
+        for compiled in (False, True):
+            if compiled and "compile" not in cfg.model:
+                print(f"{name}: no compile option, eager only")
+                continue
+            key = f"{name}{'-compiled' if compiled else ''}"
+            rows[key] = run_vaelab(with_compile(cfg, compiled), epochs, PeakMemory(device), lambda: None)
+    return rows
+
+
+@torch.inference_mode()
+def naive_nll(model: torch.nn.Module, x: Tensor, k: int, images_per_chunk: int = 100) -> Tensor:
+    """The reference: ``-log (1/K) sum_k p(x, z_k) / q(z_k|x)`` per image, chunks of 100 images x
+    ``K`` samples, eager, written out with torch.distributions (Gaussian posterior only)."""
+    nll = []
+    for xb in x.split(images_per_chunk):
+        mean, log_var = model.encoder(xb)[:2]
+        q = Normal(mean, (0.5 * log_var).exp())
+        z = q.rsample((k,))  # [K, b, D]
+        logits = model.decoder(z)
+        log_px_z = -torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, xb.expand_as(logits), reduction="none"
+        ).flatten(2).sum(-1)
+        log_w = log_px_z + Normal(0.0, 1.0).log_prob(z).sum(-1) - q.log_prob(z).sum(-1)
+        nll.append(math.log(k) - torch.logsumexp(log_w, dim=0))
+    return torch.cat(nll)
+
+
+def eval_speed(cfg: DictConfig, device: torch.device, n_images: int, k: int) -> dict:
+    """Seconds for the IW NLL at ``K = k`` of the first ``n_images`` test images: the naive
+    reference, ``iw_estimates`` eager and compiled (compile time apart: a first, short call)."""
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    x = datamodule.splits["test"][0][:n_images].to(device)
+    torch.manual_seed(cfg.seed)
+    model = instantiate(cfg.model).to(device).eval()
+    results = {}
+    for name, estimate in (("naive", lambda: naive_nll(model, x, k)),
+                           ("vaelab", lambda: -iw_estimates(model, x, k).log_px),
+                           ("vaelab-compiled", lambda: -iw_estimates(model, x, k).log_px)):
+        result = {}
+        if name == "vaelab-compiled":
+            model.compile_forward(device)
+            start = clock(device)
+            per_chunk = max(1, default_chunk_size(device) // k)
+            for n in {per_chunk, len(x) % per_chunk} - {0}:  # the graphs of a chunk, and of the last one
+                iw_estimates(model, x[:n], k)
+            result["compile_s"] = clock(device) - start
+        start = clock(device)
+        nll = estimate()
+        result |= {"seconds": clock(device) - start, "nll": float(nll.double().mean())}
+        results[name] = result
+    for name in ("vaelab", "vaelab-compiled"):
+        results[name]["time/naive"] = results[name]["seconds"] / results["naive"]["seconds"]
+    return {"images": len(x), "k": k, **results}
 
 
 def report(results: dict, info: dict) -> dict:
@@ -320,20 +494,41 @@ def report(results: dict, info: dict) -> dict:
 
     print(f"\n{info['model']}; {info['device']}, {info['threads']} threads, load {info['load']}")
     print(f"median of {info['epochs']} interleaved epochs after one warm-up epoch per mode\n")
-    print("| mode | train img/s | epoch s | val img/s | test img/s | peak MB |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| mode | train img/s | epoch s | whole epoch s | val img/s | test img/s | peak MB | compile s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for mode, r in results.items():
-        values = [r["train_images_per_s"], r["epoch_s"], r.get("val_images_per_s")]
-        values += [r.get("test_images_per_s"), r["peak_mb"]]
-        formats = [".0f", ".2f", ".0f", ".0f", ".0f"]
+        values = [r["train_images_per_s"], r["epoch_s"], r.get("full_epoch_s"), r.get("val_images_per_s")]
+        values += [r.get("test_images_per_s"), r["peak_mb"], r.get("compile_s")]
+        formats = [".0f", ".2f", ".2f", ".0f", ".0f", ".0f", ".1f"]
         print(f"| {mode} | " + " | ".join(cell(v, f) for v, f in zip(values, formats, strict=True)) + " |")
     ratios = {}
-    for other in ("bare", "dataloader"):
-        if "vaelab" in results and other in results:
-            vaelab, base = results["vaelab"], results[other]
-            ratios[f"vaelab/{other}"] = vaelab["train_images_per_s"] / base["train_images_per_s"]
+    pairs = [(mode, "bare") for mode in ("bare-compiled", "vaelab", "vaelab-compiled")] + [("vaelab", "dataloader")]
+    for mode, base in pairs:
+        if mode in results and base in results:
+            ratios[f"{mode}/{base}"] = results[mode]["train_images_per_s"] / results[base]["train_images_per_s"]
     print("\n" + "   ".join(f"{name}: {ratio:.2f}" for name, ratio in ratios.items()))
     return {**info, "results": results, "ratios": ratios}
+
+
+def report_extras(extras: dict) -> None:
+    """Print the --cli, --models and --eval results."""
+    if cli := extras.get("cli"):
+        print(f"\nCLI whole epoch (3 epochs - 1 epoch) / 2: {cli['cli_epoch_s']:.2f} s; bare loop train + validate: "
+              f"{cli['bare_epoch_s']:.2f} s; bare/cli pace: {cli['bare/cli_pace']:.2f}")
+    if rows := extras.get("models"):
+        print("\n| model | train img/s | epoch s | whole epoch s | compile s |\n| --- | ---: | ---: | ---: | ---: |")
+        for name, r in rows.items():
+            compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
+            print(f"| {name} | {r['train_images_per_s']:.0f} | {r['epoch_s']:.2f} | {r['full_epoch_s']:.2f} "
+                  f"| {compile_s} |")
+    if ev := extras.get("eval"):
+        print(f"\nIW NLL, K = {ev['k']}, {ev['images']} test images\n")
+        print("| method | s | time / naive | NLL | compile s |\n| --- | ---: | ---: | ---: | ---: |")
+        for name in ("naive", "vaelab", "vaelab-compiled"):
+            r = ev[name]
+            ratio, compile_s = r.get("time/naive"), r.get("compile_s")
+            print(f"| {name} | {r['seconds']:.1f} | {'-' if ratio is None else f'{ratio:.2f}'} | {r['nll']:.2f} | "
+                  f"{'-' if compile_s is None else f'{compile_s:.1f}'} |")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -341,14 +536,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of configs/train.yaml, e.g. latent_dim=2")
     parser.add_argument("--epochs", type=int, default=5, help="timed epochs per mode, after one warm-up epoch")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES)
+                        + " ('' for none)")
     parser.add_argument("--data-root", default="data", help="the folder that holds MNIST/raw/")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (dataloader mode)")
+    parser.add_argument("--cli", type=int, default=0, metavar="R", help="time the CLI's whole epochs, R rounds")
+    parser.add_argument("--models", default="", help="rows per model variant: all or a subset of " + ",".join(VARIANTS))
+    parser.add_argument("--eval", action="store_true", help="time the IW NLL against the naive reference")
+    parser.add_argument("--iw-samples", type=int, default=1000, help="K of --eval")
+    parser.add_argument("--test-images", type=int, default=10_000, help="test images of --eval")
     args = parser.parse_args(argv)
-    modes = args.modes.split(",")
+    modes = [m for m in args.modes.split(",") if m]
     if unknown := set(modes) - set(MODES):
         parser.error(f"unknown mode(s) {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
+    models = list(VARIANTS) if args.models == "all" else [m for m in args.models.split(",") if m]
+    if unknown := set(models) - set(VARIANTS):
+        parser.error(f"unknown model(s) {', '.join(sorted(unknown))}; choose from all, {', '.join(VARIANTS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     if args.threads:
@@ -357,16 +561,27 @@ def main(argv: list[str] | None = None) -> dict:
         logging.getLogger(name).setLevel(logging.WARNING)
 
     device = torch.device(args.device)
+    extras: dict = {}
     with tempfile.TemporaryDirectory(prefix="vaelab-speed-") as output_dir:
+
+        def cfg_for(variant: list[str]) -> DictConfig:
+            return compose_config(args.data_root, args.device, output_dir, [*variant, *args.overrides])
+
         try:
-            cfg = compose_config(args.data_root, args.device, output_dir, args.overrides)
+            cfg = cfg_for([])
         except ConfigCompositionException as err:
             parser.error(str(err).splitlines()[0])
         if str(cfg.trainer.precision) not in PRECISIONS:
             parser.error(f"trainer.precision must be one of {', '.join(PRECISIONS)}")
         instantiate(cfg.data).prepare_data()  # missing data: one readable error before any timing
         load = os.getloadavg()[0]
-        results = measure(cfg, modes, args.epochs, device, args.workers)
+        results = measure(cfg, modes, args.epochs, device, args.workers) if modes else {}
+        if args.cli:
+            extras["cli"] = cli_epochs(cfg, args.data_root, args.overrides, args.cli, device)
+        if models:
+            extras["models"] = model_rows(cfg_for, models, args.epochs, device)
+        if args.eval:
+            extras["eval"] = eval_speed(cfg, device, args.test_images, args.iw_samples)
     hidden = "-".join(str(h) for h in cfg.model.encoder.hidden_dims)
     info = {
         "model": f"MLP VAE 784-{hidden}-{cfg.latent_dim}, batch {cfg.data.batch_size}, "
@@ -385,7 +600,9 @@ def main(argv: list[str] | None = None) -> dict:
         "python": platform.python_version(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
     }
-    record = report(results, info)
+    record = report(results, info) if results else {**info, "results": {}, "ratios": {}}
+    report_extras(extras)
+    record |= extras
     print(json.dumps(record))
     return record
 

@@ -12,12 +12,16 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, open_dict
 
 from vaelab import config_dir
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("VAELAB_MNIST_ROOT", REPO.parent / "shared" / "data"))
+# Real MNIST: $VAELAB_MNIST_ROOT, else $VAELAB_DATA (what data.root defaults to), else ../shared/data.
+SHARED_DATA = Path(
+    os.environ.get("VAELAB_MNIST_ROOT") or os.environ.get("VAELAB_DATA") or REPO.parent / "shared" / "data"
+)
 HAVE_MNIST = (SHARED_DATA / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()
 needs_mnist = pytest.mark.skipif(
     not HAVE_MNIST, reason=f"real MNIST not found under {SHARED_DATA}/MNIST/raw (set VAELAB_MNIST_ROOT)"
@@ -67,20 +71,32 @@ def fake_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture
-def make_cfg(fake_root: Path, tmp_path: Path) -> Callable[..., DictConfig]:
-    """``make_cfg(*overrides)``: the train config as the CLI would compose it, on the fake data,
-    tiny, with its run directory in ``tmp_path/run``."""
-
-    def make(*overrides: str, output_dir: Path | None = None) -> DictConfig:
+def compose_cfg(root: Path, output_dir: Path, *overrides: str) -> DictConfig:
+    """The train config as the CLI would compose it, on the data under ``root``, tiny, with its
+    run directory ``output_dir``."""
+    def composed(tiny: list[str]) -> DictConfig:
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose("train", overrides=[f"data.root={fake_root}", *TINY, *overrides], return_hydra_config=True)
-        HydraConfig().set_config(cfg)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir or tmp_path / "run")
-            del cfg.hydra
-        return cfg
+            return compose("train", overrides=[f"data.root={root}", *tiny, *overrides], return_hydra_config=True)
+
+    try:
+        cfg = composed(TINY)
+    except ConfigCompositionException:  # a model without an MLP encoder (model=made, m2): its own sizes
+        cfg = composed([o for o in TINY if not o.startswith("model.encoder.")])
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        del cfg.hydra
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(fake_root: Path, tmp_path: Path) -> Callable[..., DictConfig]:
+    """``make_cfg(*overrides)``: :func:`compose_cfg` on the fake data, its run directory in
+    ``tmp_path/run`` unless ``output_dir`` is given."""
+
+    def make(*overrides: str, output_dir: Path | None = None) -> DictConfig:
+        return compose_cfg(fake_root, output_dir or tmp_path / "run", *overrides)
 
     yield make
     GlobalHydra.instance().clear()

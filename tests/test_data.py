@@ -1,11 +1,14 @@
-"""The DataModule: splits, binarization protocols, batching, sharding, missing data."""
+"""The DataModule: splits, binarization protocols, batching, per-rank draws, missing data."""
+
+import hashlib
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import N_TEST, N_TRAIN, VAL_SIZE, fake_images
 
 from vaelab.config import ConfigError
-from vaelab.data import MNISTDataModule, TensorLoader
+from vaelab.data import MNISTDataModule, bernoulli, rank_seed
 
 
 def make(root, **kwargs):
@@ -14,9 +17,15 @@ def make(root, **kwargs):
     return dm
 
 
-def batches(loader, epoch=0):
-    loader.sampler.set_epoch(epoch)
-    return list(loader)
+def batches(dm, epoch=0, rank=0, overfit_batches=0):
+    """One epoch of training batches as a Lightning process of this rank would see them."""
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(epoch)  # as Lightning does before every epoch
+    dm.trainer = SimpleNamespace(training=True, current_epoch=epoch, global_rank=rank,
+                                 overfit_batches=overfit_batches)
+    out = [dm.on_after_batch_transfer(batch, 0) for batch in loader]
+    dm.trainer = None
+    return out
 
 
 def test_splits_sizes_and_values(fake_root):
@@ -39,7 +48,7 @@ def test_split_is_fixed_and_disjoint(fake_root):
 
 def test_dynamic_binarization(fake_root):
     dm = make(fake_root, binarize="dynamic")
-    first, again, next_epoch = (batches(dm.train_dataloader(), e)[0][0] for e in (0, 0, 1))
+    first, again, next_epoch = (batches(dm, e)[0][0] for e in (0, 0, 1))
     assert set(first.unique().tolist()) <= {0.0, 1.0}
     assert torch.equal(first, again)  # seeded by (seed, epoch)
     assert not torch.equal(first, next_epoch)  # a fresh draw every epoch
@@ -48,35 +57,84 @@ def test_dynamic_binarization(fake_root):
     torch.testing.assert_close(val, make(fake_root, binarize="dynamic", seed=9).splits["val"][0])
 
 
+def test_every_rank_draws_its_own_binarization(fake_root):
+    dm = make(fake_root, binarize="dynamic")
+    x = dm.splits["train"][0][:32]
+    draws = []
+    for rank in (0, 1, 2):
+        dm.trainer = SimpleNamespace(training=True, current_epoch=0, global_rank=rank, overfit_batches=0)
+        draws.append(dm.on_after_batch_transfer((x, None), 0)[0])
+        dm.generator = None
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+    assert len({rank_seed(s, r, e) for s in range(3) for r in range(4) for e in range(50)}) == 3 * 4 * 50
+
+
+def test_single_process_batches_are_those_of_earlier_versions(fake_root):
+    """Rank 0 keeps the numbers runs had before per-rank seeding (recorded with the earlier
+    loader): order and binarization of every epoch, for two seeds."""
+    recorded = {(0, 0): "26e1fb7ada38", (0, 1): "b30d6fc6b77b", (3, 0): "58c401f69e5e", (3, 1): "43148a8901a5"}
+    for (seed, epoch), digest in recorded.items():
+        epoch_batches = batches(make(fake_root, binarize="dynamic", seed=seed), epoch)
+        x = torch.cat([x for x, _ in epoch_batches])
+        assert len(epoch_batches) == 7 and hashlib.sha1(x.numpy().tobytes()).hexdigest()[:12] == digest
+
+
+def test_loading_draws_nothing_from_the_global_random_state(fake_root):
+    dm = make(fake_root, binarize="dynamic")
+    state = torch.get_rng_state()
+    batches(dm, 0)
+    list(dm.val_dataloader())
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_overfit_batches_keep_their_binarization(fake_root):
+    dm = make(fake_root, binarize="dynamic")
+    x = dm.splits["train"][0][:32]
+    draws = []
+    for epoch in (0, 1, 5):
+        dm.trainer = SimpleNamespace(training=True, current_epoch=epoch, global_rank=0, overfit_batches=1)
+        draws.append(dm.on_after_batch_transfer((x, None), 0)[0])
+    assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
+
+
+def test_evaluation_batches_are_not_redrawn(fake_root):
+    dm = make(fake_root, binarize="dynamic")
+    x = dm.splits["val"][0][:8]
+    dm.trainer = SimpleNamespace(training=False, current_epoch=0, global_rank=0, overfit_batches=0)
+    assert dm.on_after_batch_transfer((x, None), 0)[0] is x
+
+
 def test_static_binarization_is_one_draw(fake_root):
     dm = make(fake_root, binarize="static")
     x_train = dm.splits["train"][0]
     assert set(x_train.unique().tolist()) <= {0.0, 1.0}
-    epoch0 = torch.cat([x for x, _ in batches(dm.train_dataloader(), 0)])
-    epoch1 = torch.cat([x for x, _ in batches(dm.train_dataloader(), 1)])
+    epoch0 = torch.cat([x for x, _ in batches(dm, 0)])
+    epoch1 = torch.cat([x for x, _ in batches(dm, 1)])
     assert torch.equal(epoch0.sum(0), epoch1.sum(0))  # same images, another order
+    assert not torch.equal(epoch0, epoch1)
     assert torch.equal(dm.splits["test"][0], make(fake_root, binarize="dynamic").splits["test"][0])
 
 
 def test_no_binarization_keeps_grey_levels(fake_root):
-    x = make(fake_root, binarize="none").splits["train"][0]
-    assert x.min() >= 0 and x.max() <= 1 and len(x.unique()) > 2
+    dm = make(fake_root, binarize="none")
+    x = torch.cat([x for x, _ in batches(dm)])
+    assert x.min() >= 0 and x.max() <= 1 and len(x.unique()) > 2 and not dm.binary
 
 
 def test_binarization_draw_has_the_grey_level_mean():
     x = torch.full((20_000, 1, 28, 28), 0.3)
-    loader = TensorLoader(x, torch.zeros(20_000), batch_size=20_000, binarize=True)
-    assert abs(next(iter(loader))[0].mean().item() - 0.3) < 0.002
+    assert abs(bernoulli(x, torch.Generator().manual_seed(0)).mean().item() - 0.3) < 0.002
 
 
-def test_loader_covers_every_index_once_and_shards():
-    x, y = torch.arange(103.0).view(103, 1, 1, 1), torch.arange(103)
-    single = TensorLoader(x, y, batch_size=10, shuffle=True, seed=3)
-    assert len(single) == 11 and sorted(torch.cat([b for _, b in single]).tolist()) == list(range(103))
-    shards = [torch.cat([b for _, b in TensorLoader(x, y, 10, shuffle=True, seed=3, rank=r, world_size=2)])
-              for r in (0, 1)]
-    assert set(shards[0].tolist()).isdisjoint(shards[1].tolist())
-    assert sorted(shards[0].tolist() + shards[1].tolist()) == list(range(103))
+def test_loader_covers_every_image_once_per_epoch(fake_root):
+    dm = make(fake_root, binarize="none")
+    labels = dm.splits["train"][1]
+    for epoch in (0, 1):
+        epoch_batches = batches(dm, epoch)
+        assert [len(y) for _, y in epoch_batches] == [32] * 6 + [8]
+        seen = torch.cat([x for x, _ in epoch_batches]).flatten(1)
+        assert torch.equal(torch.sort(seen, dim=0)[0], torch.sort(dm.splits["train"][0].flatten(1), dim=0)[0])
+        assert torch.equal(torch.cat([y for _, y in epoch_batches]).sort()[0], labels.sort()[0])
 
 
 def test_fashion_mnist_through_the_same_code(fake_root):

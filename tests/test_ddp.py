@@ -1,72 +1,174 @@
-"""Data-parallel training (trainer=ddp, ddp_spawn with gloo on 2 CPU processes) against one process.
+"""Data-parallel training (trainer=ddp: ddp_spawn with gloo on 2 CPU processes).
 
-What must agree: DDP averages the two processes' gradients, each the mean over its half of the
-batch, which is the gradient of the mean over the whole batch. So 2 processes with batch B/2
-each must take the same steps as 1 process with batch B, when every image's loss does not
-depend on which process computes it. The one random draw in the loss, the reparameterization
-noise, does; the test model replaces it by a fixed function of the image (still exercising the
-whole encoder, log-variance included), and the data are drawn once (binarize=static, no dropout).
-The validation loss, reduced across processes, must equal the single process's, with shards
-of unequal size (41 images over 2 processes).
+- Agreement: DDP averages the two processes' gradients, each the mean over its half of the batch,
+  which is the gradient of the mean over the whole batch. So 2 processes with batch B/2 each must
+  take the same steps as 1 process with batch B when every image's loss does not depend on which
+  process computes it: the test model makes the reparameterization noise a fixed function of the
+  encoder's mean, and the data are drawn once (binarize=static, no dropout).
+- Independence, with the real noise: every rank draws its own reparameterization noise and its
+  own dynamic binarization; every rank runs the same number of steps when the shards differ in
+  size; the launching process writes the final metrics at the step the workers reached.
+- A NaN loss on one rank stops every rank.
 """
 
-from functools import partial
+import json
+from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import N_TRAIN, compose_cfg
+from hydra.core.global_hydra import GlobalHydra
+from pytorch_lightning.strategies import DDPStrategy
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from vaelab.callbacks.distributed import ProcessGroupTeardown, RankSeed, TrainingProgress
+from vaelab.callbacks.finite_loss import FiniteLossCheck
 from vaelab.data import MNISTDataModule
 from vaelab.nets.mlp import MLPDecoder, MLPEncoder
-from vaelab.objectives import bernoulli_log_likelihood, kl_normal
-from vaelab.train import ProcessGroupTeardown, TrainingProgress
+from vaelab.posteriors.gaussian import DiagonalGaussian, standard_normal_log_density
+from vaelab.train import train
 from vaelab.vae import VAE
 
 BATCH, STEPS, LATENT = 16, 3, 3
 
 
-class FixedNoiseVAE(VAE):
-    """The VAE with ``eps = sin(x @ P)`` (``P`` a fixed projection) in place of a random draw."""
+class FixedNoiseGaussian(DiagonalGaussian):
+    """The diagonal Gaussian with ``eps = sin(3 mean)`` in place of a random draw."""
 
-    def __init__(self) -> None:
-        torch.manual_seed(0)
-        super().__init__(MLPEncoder(LATENT, [32]), MLPDecoder(LATENT, [32]),
-                         partial(torch.optim.Adam, lr=1e-2), latent_dim=LATENT)
-        self.register_buffer("projection", torch.randn(784, LATENT))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, log_var = self.encode(x)
-        z = mean + torch.sin(x.flatten(1) @ self.projection) * torch.exp(0.5 * log_var)
-        return -bernoulli_log_likelihood(self.decode(z), x), kl_normal(mean, log_var)
+    def rsample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        eps = torch.sin(3 * self.mean.detach()).expand(n, *self.mean.shape)
+        return self.mean + (0.5 * self.log_var).exp() * eps, standard_normal_log_density(eps) - 0.5 * self.log_var
 
 
-def fit(root: Path, tmp_path: Path, devices: int) -> tuple[FixedNoiseVAE, dict[str, float]]:
-    """``STEPS`` steps on a global batch of ``BATCH`` images split over ``devices`` processes,
-    then one validation; the weights and the logged metrics, back in this process (with
-    ``global_step``, which ``ddp_spawn`` does not carry back itself)."""
-    model = FixedNoiseVAE()
-    data = MNISTDataModule(str(root), batch_size=BATCH // devices, eval_batch_size=8,
-                           val_size=41, binarize="static", download=False)
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
-        max_steps=STEPS, val_check_interval=STEPS, limit_val_batches=None, num_sanity_val_steps=0,
-        gradient_clip_val=5.0, gradient_clip_algorithm="value", use_distributed_sampler=False,
-        callbacks=[TrainingProgress(), ProcessGroupTeardown()], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+class FixedNoisePosterior(torch.nn.Module):
+    def forward(self, mean: torch.Tensor, log_var: torch.Tensor, context=None) -> FixedNoiseGaussian:
+        return FixedNoiseGaussian(mean, log_var)
+
+
+def tiny_vae(posterior: torch.nn.Module | None = None) -> VAE:
+    torch.manual_seed(0)
+    return VAE(MLPEncoder(LATENT, [32]), MLPDecoder(LATENT, [32]), torch.optim.Adam, latent_dim=LATENT,
+               posterior=posterior)
+
+
+def trainer(tmp_path: Path, devices: int, callbacks: list, **kwargs) -> pl.Trainer:
+    strategy = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)) if devices > 1 else "auto"
+    return pl.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, num_sanity_val_steps=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, callbacks=[*callbacks, TrainingProgress(), ProcessGroupTeardown()], **kwargs,
     )
-    trainer.fit(model, datamodule=data)
-    return model, {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def fit(root: Path, tmp_path: Path, devices: int) -> tuple[VAE, dict[str, float]]:
+    """``STEPS`` steps on a global batch of ``BATCH`` images split over ``devices`` processes,
+    then one validation; the weights and the logged metrics, back in this process."""
+    pl.seed_everything(0)  # Lightning's DistributedSampler shuffles with the global seed: 0, as data.seed
+    model = tiny_vae(FixedNoisePosterior())
+    data = MNISTDataModule(str(root), batch_size=BATCH // devices, eval_batch_size=8,
+                           val_size=40, binarize="static", download=False)
+    run = trainer(tmp_path, devices, [RankSeed(0)], max_steps=STEPS, val_check_interval=STEPS,
+                  gradient_clip_val=5.0, gradient_clip_algorithm="value")
+    run.fit(model, datamodule=data)
+    return model, {k: float(v) for k, v in run.callback_metrics.items()}
 
 
 def test_two_processes_agree_with_one(fake_root, tmp_path):
     one, one_metrics = fit(fake_root, tmp_path / "one", devices=1)
     two, two_metrics = fit(fake_root, tmp_path / "two", devices=2)
-    start = FixedNoiseVAE()
+    start = tiny_vae()
     moved = max((p - q).abs().max() for p, q in zip(one.parameters(), start.parameters(), strict=True))
     assert moved > 1e-3  # the steps were taken
     for (name, p), q in zip(one.named_parameters(), two.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
     assert one_metrics["global_step"] == two_metrics["global_step"] == STEPS
-    for key in ("val/loss", "val/rec", "val/kl"):
+    for key in ("val/elbo", "val/rec", "val/kl"):
         assert two_metrics[key] == pytest.approx(one_metrics[key], rel=1e-5), key
+
+
+class Recorder(pl.Callback):
+    """Writes ``rank<r>.pt`` per process: its training batch count, and after the first step a
+    draw from the global stream (which the reparameterization noise and dropout use), the
+    reparameterization noise itself on fixed images, and a draw of the data's binarization
+    generator."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.batches, self.draws = out, 0, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches += 1
+        if batch_idx == 0:
+            x = trainer.datamodule.splits["test"][0][:4]
+            with torch.no_grad():
+                log_pz = pl_module.log_densities(x, 1)[1]  # log N(z; 0, I) at the drawn z
+            self.draws = {"global": torch.randn(16), "log_pz": log_pz,
+                          "binarize": torch.rand(64, generator=trainer.datamodule.generator)}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        record = {"batches": self.batches, "global_step": trainer.global_step, **self.draws}
+        torch.save(record, self.out / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(fake_root, tmp_path_factory):
+    """One ``vaelab.train`` run with ``trainer=ddp`` on 2 CPU processes, unequal shards: 201
+    training images (101 and 100), batch 4 per process, so the smaller shard is an exact multiple
+    of the batch size."""
+    out = tmp_path_factory.mktemp("ddp")
+    cfg = compose_cfg(fake_root, out / "run", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                      "data.val_size=39", "batch_size=4", "callbacks=[model_checkpoint,finite_loss]",
+                      "model.iw_samples_test=0", "max_epochs=2")
+    GlobalHydra.instance().clear()
+    metrics = train(cfg, extra_callbacks=[Recorder(out)])
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return metrics, ranks, out / "run"
+
+
+def test_ranks_run_the_same_number_of_steps_on_unequal_shards(ddp_run):
+    metrics, ranks, _ = ddp_run
+    steps_per_epoch = 26  # 201 images: shards of 101 (one image repeated) and 101, ceil(101 / 4)
+    assert N_TRAIN - 39 == 201
+    assert [r["batches"] for r in ranks] == [2 * steps_per_epoch] * 2
+    assert [r["global_step"] for r in ranks] == [2 * steps_per_epoch] * 2 == [metrics["global_step"]] * 2
+
+
+def test_every_rank_draws_its_own_noise(ddp_run):
+    _, (rank0, rank1), _ = ddp_run
+    for key in ("global", "log_pz", "binarize"):
+        assert not torch.equal(rank0[key], rank1[key]), key
+    # the same images and weights on both ranks: only the reparameterization noise differs
+    assert rank0["log_pz"].shape == rank1["log_pz"].shape == (1, 4)
+
+
+def test_final_metrics_carry_the_workers_step(ddp_run):
+    metrics, _, run = ddp_run
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == metrics["global_step"] > 0
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("final/test/elbo")] == [metrics["global_step"]]
+
+
+class NaNOnRankOne(VAE):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_rank == 1 and batch_idx == 2 else loss
+
+
+def test_a_nan_on_one_rank_stops_every_rank(fake_root, tmp_path):
+    torch.manual_seed(0)
+    model = NaNOnRankOne(MLPEncoder(LATENT, [32]), MLPDecoder(LATENT, [32]), torch.optim.Adam, latent_dim=LATENT)
+    data = MNISTDataModule(str(fake_root), batch_size=8, val_size=40, eval_batch_size=40, download=False)
+    run = trainer(tmp_path, 2, [FiniteLossCheck()], max_epochs=1)
+    with pytest.raises(Exception, match="NaN or infinite by step 3"):
+        run.fit(model, datamodule=data)
+
+
+def test_finite_loss_check_raises_when_another_rank_failed():
+    """This rank's loss is finite, another's was not: the reduced flag stops this rank too."""
+    check = FiniteLossCheck()
+    failed_elsewhere = SimpleNamespace(reduce_boolean_decision=lambda decision, all=True: False)
+    stub = SimpleNamespace(global_step=7, strategy=failed_elsewhere)
+    with pytest.raises(FloatingPointError, match="by step 7"):
+        check.on_train_batch_end(stub, SimpleNamespace(device=torch.device("cpu")), torch.tensor(1.0), None, 0)

@@ -16,10 +16,10 @@ import torch
 from scipy.special import logsumexp
 from scipy.stats import norm
 from torch import Tensor, nn
-from torch.distributions import Normal
+from torch.distributions import Bernoulli, Normal
 
 from vaelab.likelihood import default_chunk_size, iw_estimates
-from vaelab.objectives import gaussian_log_density, iw_log_likelihood, log_importance_weights
+from vaelab.objectives import IWAE, iw_log_likelihood, log_importance_weights
 from vaelab.vae import VAE
 
 PIXELS = 6
@@ -122,11 +122,46 @@ def test_iw_estimate_is_above_the_elbo_and_grows_with_k(model, images):
     assert np.all(means < exact[0] + 3 * stderr)  # towards log p(x), from below
 
 
-def test_log_density_terms_and_weights_by_hand():
+def test_log_densities_against_torch_distributions(model, images):
+    x = images[[1, 17, 40]]
+    torch.manual_seed(0)
+    log_px_z, log_pz, log_qz = model.log_densities(x, n_samples=4)
+    torch.manual_seed(0)
+    mean, log_var = model.encoder(x)
+    z = mean + (0.5 * log_var).exp() * torch.randn(4, *mean.shape, dtype=mean.dtype)
+    torch.testing.assert_close(log_qz, Normal(mean, (0.5 * log_var).exp()).log_prob(z).sum(-1))
+    torch.testing.assert_close(log_pz, Normal(0.0, 1.0).log_prob(z).sum(-1))
+    logits = model.decoder(z)
+    torch.testing.assert_close(log_px_z, Bernoulli(logits=logits).log_prob(x.expand_as(logits)).flatten(2).sum(-1))
+
+
+def test_iwae_objective_grows_with_k_towards_the_quadrature_likelihood(model, images):
+    """The training bound -IWAE(k) on a fixed model: k = 1 is the ELBO, and it rises with k to log p(x)."""
+    x = images[[9]].repeat(4000, 1, 1, 1)
+    exact, elbo = quadrature(model, images[[9]])
+    bounds, stderrs = [], []
+    for k in (1, 4, 16, 64):
+        torch.manual_seed(k)
+        with torch.no_grad():
+            d = model(x, k)
+        per_image = torch.stack([-IWAE(k)(d_i, 0) for d_i in _per_image(d)])
+        bounds.append(per_image.mean().item())
+        stderrs.append(per_image.std().item() / math.sqrt(len(x)))
+    bounds, stderrs = np.array(bounds), np.array(stderrs)
+    assert abs(bounds[0] - elbo[0]) < 4 * stderrs[0]
+    assert np.all(np.diff(bounds) > -3 * (stderrs[1:] + stderrs[:-1]))
+    assert bounds[-1] > bounds[0] + 10 * stderrs[0]
+    assert abs(bounds[-1] - exact[0]) < abs(bounds[0] - exact[0]) / 5 and np.all(bounds < exact[0] + 3 * stderrs)
+
+
+def _per_image(d):
+    """Split LogDensities of B images into B one-image LogDensities (to get each image's bound)."""
+    return [type(d)(d.log_px_z[:, i : i + 1], d.log_pz[:, i : i + 1], d.log_qz[:, i : i + 1], None)
+            for i in range(d.log_px_z.shape[1])]
+
+
+def test_log_importance_weights_by_hand():
     g = torch.Generator().manual_seed(0)
-    z, mean, log_var = (torch.randn(4, 3, 5, generator=g, dtype=torch.float64) for _ in range(3))
-    expected = Normal(mean, (0.5 * log_var).exp()).log_prob(z).sum(-1)
-    torch.testing.assert_close(gaussian_log_density(z, mean, log_var), expected)
     log_w = log_importance_weights(*(torch.randn(7, 3, generator=g, dtype=torch.float64) for _ in range(3)))
     by_hand = [math.log(sum(math.exp(v) for v in column) / 7) for column in log_w.T.tolist()]
     torch.testing.assert_close(iw_log_likelihood(log_w), torch.tensor(by_hand, dtype=torch.float64))

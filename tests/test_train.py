@@ -1,10 +1,16 @@
-"""Training end to end in-process on the tiny data set: outputs, resume, reproducibility, NaN."""
+"""Training end to end in-process on the tiny data set: outputs, resume, reproducibility, NaN,
+overfitting one batch, what the dashboard shows."""
 
 import json
+import logging
+import subprocess
+import sys
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from vaelab.checkpoint import load_model
 from vaelab.config import ConfigError
@@ -18,7 +24,7 @@ def test_run_directory_holds_everything(make_cfg, tmp_path):
     run = tmp_path / "run"
     saved = json.loads((run / "metrics.json").read_text())
     assert saved == pytest.approx(metrics)
-    for key in ("val/loss", "val/elbo", "test/loss", "test/elbo", "test/rec", "test/kl"):
+    for key in ("val/elbo", "test/elbo", "test/rec", "test/kl", "test/nll", "test/bits_per_dim"):
         assert isinstance(saved[key], float)
     assert saved["test/elbo"] == pytest.approx(-(saved["test/rec"] + saved["test/kl"]), rel=1e-5)
     assert saved["global_step"] == 2 * STEPS_PER_EPOCH
@@ -27,19 +33,37 @@ def test_run_directory_holds_everything(make_cfg, tmp_path):
     assert (run / "command.txt").read_text().startswith("python -m vaelab.train")
 
     events = EventAccumulator(str(run / "tensorboard")).Reload()
-    assert {"train/loss", "val/loss", "val/elbo", "final/test/elbo"} <= set(events.Tags()["scalars"])
-    assert "_hparams_/experiment" in events.PluginTagToContent("hparams")  # the HParams tab
+    assert {"train/loss", "val/elbo", "final/test/elbo"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("final/test/elbo")] == [2 * STEPS_PER_EPOCH]
 
     model, cfg = load_model(run / "checkpoints" / "last.ckpt")
     assert cfg.model.latent_dim == 3 and model.sample(2).shape == (2, 1, 28, 28)
+
+
+def hparams(run) -> dict:
+    """The hyperparameters of a run as TensorBoard's HParams tab lists them."""
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    return {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
+
+
+def test_hparams_tab_lists_the_sweep_keys(make_cfg, tmp_path):
+    train(make_cfg("latent_dim=4", "lr=0.002", "dropout=0.1", "l2=1e-5", "batch_size=40", "seed=3",
+                   "callbacks=model_checkpoint"))
+    shown = hparams(tmp_path / "run")
+    assert {k: shown[k] for k in ("latent_dim", "lr", "dropout", "l2", "batch_size", "seed")} == pytest.approx(
+        {"latent_dim": 4, "lr": 0.002, "dropout": 0.1, "l2": 1e-5, "batch_size": 40, "seed": 3})
+    assert shown["binarize"] == "dynamic" and shown["encoder"] == "MLPEncoder"
+    assert not any("/" in key for key in shown)  # no buried model/encoder/... keys
 
 
 def test_same_seed_same_numbers(make_cfg, tmp_path):
     a = train(make_cfg("seed=5", output_dir=tmp_path / "a"))
     b = train(make_cfg("seed=5", output_dir=tmp_path / "b"))
     c = train(make_cfg("seed=6", output_dir=tmp_path / "c"))
-    assert a["val/loss"] == b["val/loss"] and a["test/elbo"] == b["test/elbo"]
-    assert a["val/loss"] != c["val/loss"]
+    assert a["val/elbo"] == b["val/elbo"] and a["test/elbo"] == b["test/elbo"]
+    assert a["val/elbo"] != c["val/elbo"]
 
 
 def test_resume_continues_steps_and_optimizer(make_cfg, tmp_path):
@@ -51,6 +75,15 @@ def test_resume_continues_steps_and_optimizer(make_cfg, tmp_path):
     assert state["global_step"] == 3 * STEPS_PER_EPOCH
     adam_steps = {int(s["step"]) for s in state["optimizer_states"][0]["state"].values()}
     assert adam_steps == {3 * STEPS_PER_EPOCH}  # Adam's moments carried over, not restarted
+
+
+def test_resume_mid_epoch_ends_at_the_same_step(make_cfg, tmp_path):
+    every_5 = "+callbacks.model_checkpoint.every_n_train_steps=5"  # last.ckpt mid-epoch too
+    train(make_cfg("max_epochs=3", "+trainer.max_steps=10", every_5, "callbacks=model_checkpoint"))
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 10  # 3 batches into the second epoch
+    metrics = train(make_cfg("max_epochs=3", "ckpt_path=last", "callbacks=model_checkpoint"))
+    assert metrics["global_step"] == 3 * STEPS_PER_EPOCH and metrics["epochs"] == 3
 
 
 def test_checkpoint_of_another_architecture_is_refused(make_cfg, tmp_path):
@@ -69,14 +102,52 @@ def test_debug_fast_runs_without_checkpoints(make_cfg, tmp_path):
     assert metrics["best_checkpoint"] is None and "test/elbo" in metrics
 
 
+class RecordBatches(pl.Callback):
+    def __init__(self) -> None:
+        self.batches, self.losses = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches.append(batch[0].clone())
+        self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+
+
+def test_debug_overfit_fits_one_fixed_batch(make_cfg):
+    recorder = RecordBatches()
+    train(make_cfg("debug=overfit", "max_epochs=40", "callbacks=none", "logger=none", "lr=3e-3"),
+          extra_callbacks=[recorder])
+    assert len(recorder.batches) == 40
+    assert all(torch.equal(x, recorder.batches[0]) for x in recorder.batches)  # images and binarization
+    losses = torch.tensor(recorder.losses)
+    means = losses.view(8, 5).mean(1)  # the mean loss of every 5 epochs
+    assert (means.diff() < 0).all()  # falls steadily
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_grey_levels_report_no_likelihood(make_cfg, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="vaelab.train")
+    metrics = train(make_cfg("data.binarize=none", "callbacks=model_checkpoint", "logger=none"))
+    assert "test/elbo" in metrics and "test/nll" not in metrics and "test/bits_per_dim" not in metrics
+    assert "grey levels have no Bernoulli likelihood" in caplog.text
+    assert "iw_samples_test: 0" in (tmp_path / "run" / "config.yaml").read_text()
+
+
 def test_csv_logger_run(make_cfg, tmp_path):
-    train(make_cfg("logger=csv", "callbacks=none"))
+    metrics = train(make_cfg("logger=csv", "callbacks=none"))
     lines = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()
-    assert "final/test/elbo" in lines[0] and "val/loss" in lines[0]
+    header, last = lines[0].split(","), lines[-1].split(",")
+    assert "final/test/elbo" in header and "val/elbo" in header
+    assert int(last[header.index("step")]) == metrics["global_step"] == STEPS_PER_EPOCH
 
 
 def test_bf16_mixed_precision_run(make_cfg, tmp_path):
     metrics = train(make_cfg("trainer.precision=bf16-mixed", output_dir=tmp_path / "bf16"))
     reference = train(make_cfg(output_dir=tmp_path / "fp32"))
     assert metrics["test/elbo"] == pytest.approx(reference["test/elbo"], rel=0.02)
-    assert metrics["test/elbo"] != reference["test/elbo"]
+
+
+def test_library_modules_do_not_import_the_command_line():
+    code = ("import sys, vaelab.data, vaelab.plots, vaelab.vae, vaelab.checkpoint, vaelab.callbacks.pictures, "
+            "vaelab.callbacks.finite_loss, vaelab.callbacks.distributed; "
+            "print(sorted(m for m in sys.modules if m in ('vaelab.train', 'vaelab.evaluate', 'vaelab.visualize')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -1,4 +1,4 @@
-"""The LightningModule: loss terms, helpers, optimizer groups."""
+"""The LightningModule: the objective it trains on, what it logs, helpers, optimizer groups."""
 
 import pytest
 import pytorch_lightning as pl
@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from vaelab.nets.mlp import MLPDecoder, MLPEncoder
-from vaelab.objectives import bernoulli_log_likelihood, kl_normal
+from vaelab.objectives import ELBO, IWAE, bernoulli_log_likelihood
+from vaelab.posteriors.gaussian import kl_normal
 from vaelab.vae import VAE
 
 
@@ -15,16 +16,16 @@ def make_vae(latent_dim=3, **kwargs):
                lambda params: torch.optim.Adam(params, lr=1e-3), latent_dim, **kwargs)
 
 
-def test_forward_terms_are_per_image_and_match_the_formulas():
+def test_forward_densities_match_the_formulas():
     torch.manual_seed(0)
     vae, x = make_vae(), torch.rand(5, 1, 28, 28).round()
-    rec, kl = vae(x)
-    assert rec.shape == kl.shape == (5,)
-    mean, log_var = vae.encode(x)
-    torch.testing.assert_close(kl, kl_normal(mean, log_var))
-    # With the posterior collapsed to its mean, the sampled rec equals -log p(x | mean).
+    d = vae(x, n_samples=2)
+    assert d.log_px_z.shape == (2, 5) and d.log_pz.shape == d.log_qz.shape == (2, 5, 3)
+    mean, log_var = vae.encoder(x)
+    torch.testing.assert_close(d.kl, kl_normal(mean, log_var))
+    # With the posterior collapsed to its mean, the sampled log p(x|z) is log p(x | mean).
     vae.encoder = nn.Sequential(vae.encoder, _CollapseVariance())
-    torch.testing.assert_close(vae(x)[0], -bernoulli_log_likelihood(vae.decode(mean), x))
+    torch.testing.assert_close(vae(x).log_px_z[0], bernoulli_log_likelihood(vae.decode(mean), x))
 
 
 class _CollapseVariance(nn.Module):
@@ -33,15 +34,26 @@ class _CollapseVariance(nn.Module):
         return mean, torch.full_like(mean, -200.0)
 
 
-@pytest.mark.parametrize("beta", [1.0, 0.25])
-def test_loss_is_rec_plus_beta_kl(beta):
+def test_a_one_sample_draw_is_the_same_as_before_the_posterior_interface():
+    """Seeded numbers are kept: z = mean + exp(log_var / 2) * eps with eps from one randn of [B, D]."""
     torch.manual_seed(1)
-    vae, x = make_vae(beta=beta), torch.rand(6, 1, 28, 28)
+    vae, x = make_vae(), torch.rand(6, 1, 28, 28).round()
+    torch.manual_seed(2)
+    d = vae(x)
+    torch.manual_seed(2)
+    mean, log_var = vae.encoder(x)
+    z = mean + (0.5 * log_var).exp() * torch.randn(mean.shape)
+    torch.testing.assert_close(d.log_px_z[0], bernoulli_log_likelihood(vae.decode(z), x))
+
+
+@pytest.mark.parametrize("objective", [ELBO(beta=0.25), ELBO(free_bits=0.5), IWAE(k=4)])
+def test_training_step_returns_the_objective(objective):
+    torch.manual_seed(1)
+    vae, x = make_vae(objective=objective), torch.rand(6, 1, 28, 28).round()
     torch.manual_seed(2)
     loss = vae.training_step((x, torch.zeros(6)), 0)
     torch.manual_seed(2)
-    rec, kl = vae(x)
-    torch.testing.assert_close(loss, rec.mean() + beta * kl.mean())
+    torch.testing.assert_close(loss, objective(vae(x, objective.n_samples), 0))
 
 
 def test_helpers_shapes_and_ranges():
@@ -61,20 +73,18 @@ def test_l2_decays_weight_matrices_only():
     assert len(weights["params"]) + len(others["params"]) == len(list(vae.parameters()))
 
 
-def test_bf16_autocast_runs_the_networks_in_bfloat16_and_the_objective_in_float32():
+def test_bf16_autocast_runs_the_networks_in_bfloat16_and_the_densities_in_float32():
     torch.manual_seed(3)
     vae, x = make_vae(), torch.rand(8, 1, 28, 28).round()
     torch.manual_seed(4)
-    rec32, kl32 = vae(x)
+    d32 = vae(x)
     torch.manual_seed(4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert vae.encoder.net(x.flatten(1)).dtype == torch.bfloat16
-        rec, kl = vae(x)
-    assert rec.dtype == kl.dtype == torch.float32
-    # bfloat16 keeps 8 bits: the terms move by a fraction of a percent, not by its 0.4% steps
-    torch.testing.assert_close(rec, rec32, rtol=1e-2, atol=0.0)
-    assert not torch.equal(rec, rec32)
-    torch.testing.assert_close(kl, kl32, rtol=5e-2, atol=1e-2)
+        d = vae(x)
+    assert d.log_px_z.dtype == d.kl.dtype == torch.float32
+    torch.testing.assert_close(d.log_px_z, d32.log_px_z, rtol=1e-2, atol=0.0)
+    torch.testing.assert_close(d.kl, d32.kl, rtol=5e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("algorithm", ["value", "norm"])
@@ -92,3 +102,34 @@ def test_gradients_are_clipped_under_bf16_mixed_with_a_fused_optimizer(algorithm
         assert torch.all(grads == 0.01)
     else:
         assert grads.norm().item() == pytest.approx(0.01, rel=1e-4)
+
+
+class _RecordKLWeight(pl.Callback):
+    def __init__(self):
+        self.weights = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.weights[trainer.global_step - 1] = float(trainer.callback_metrics["train/kl_weight"])
+
+
+def test_kl_warmup_follows_the_global_step_across_a_resume(tmp_path):
+    """The weight applied at each optimizer step is beta * step / kl_warmup_steps, also after
+    resuming mid-warm-up from a checkpoint (a schedule kept in a Python counter would restart)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 1, 28, 28, generator=g).round()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(16)), batch_size=4)
+
+    def fit(max_steps, ckpt_path=None):
+        record = _RecordKLWeight()
+        trainer = pl.Trainer(max_steps=max_steps, log_every_n_steps=1, logger=False, callbacks=[record],
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             limit_val_batches=0, accelerator="cpu")
+        trainer.fit(make_vae(objective=ELBO(beta=0.5, kl_warmup_steps=10)), loader, ckpt_path=ckpt_path)
+        return trainer, record.weights
+
+    trainer, first = fit(6)  # stops mid-epoch (4 steps an epoch), mid-warm-up
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    _, second = fit(14, ckpt_path=tmp_path / "mid.ckpt")
+    assert sorted(first) == list(range(6)) and sorted(second) == list(range(6, 14))
+    expected = {step: 0.5 * min(1.0, step / 10) for step in range(14)}
+    assert {**first, **second} == pytest.approx(expected)

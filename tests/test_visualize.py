@@ -89,3 +89,14 @@ def test_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert run_main("ckpt_path=junk.ckpt") == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ckpt_path: junk.ckpt is not a readable PyTorch checkpoint") and err.count("\n") == 1
+
+
+def test_a_made_checkpoint_gets_its_samples(make_cfg, tmp_path):
+    """MADE has no latent space: its picture is a grid of exact samples, drawn by the seeded generator."""
+    metrics = train(make_cfg("model=made", "model.hidden_dims=[16]", "logger=none", "callbacks=none"))
+    ckpt = metrics.get("best_checkpoint") or str(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    paths = [visualize(visualize_cfg(ckpt_path=ckpt, out_dir=str(tmp_path / out), n_samples=16)) for out in "ab"]
+    assert [p.name for p in paths[0]] == ["samples.png"]
+    first, second = (torch.tensor(list(Image.open(p[0]).convert("L").getdata())) for p in paths)
+    assert torch.equal(first, second)  # repeatable
+    assert {0, 255} <= set(first.unique().tolist()) <= {0, 128, 255}  # binary samples on a grey grid

@@ -4,11 +4,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning import Callback, LightningModule, Trainer
 
-from vaelab.config import ConfigError
+from vaelab.config import ConfigError, instantiate
 
 CONFIG_KEY = "vaelab_config"
 
@@ -65,9 +64,11 @@ def check_compatible(model: torch.nn.Module, checkpoint: dict[str, Any], path: s
             )
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[LightningModule, DictConfig]:
-    """Rebuild the model a checkpoint was trained with and load its weights (in eval mode)."""
-    checkpoint = read_checkpoint(path)
+def model_from_checkpoint(
+    checkpoint: dict[str, Any], path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[LightningModule, DictConfig]:
+    """The model a read checkpoint (:func:`read_checkpoint`) was trained with, its weights loaded
+    (in eval mode), and the run's config; ``path`` names the file in errors."""
     if CONFIG_KEY not in checkpoint:
         raise ConfigError(f"ckpt_path: {path} holds no vaelab config; was it written by vaelab.train?")
     cfg = OmegaConf.create(checkpoint[CONFIG_KEY])
@@ -75,3 +76,8 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     check_compatible(model, checkpoint, path)
     model.load_state_dict(checkpoint["state_dict"])
     return model.to(map_location).eval(), cfg
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[LightningModule, DictConfig]:
+    """Rebuild the model a checkpoint file was trained with and load its weights (in eval mode)."""
+    return model_from_checkpoint(read_checkpoint(path), path, map_location)

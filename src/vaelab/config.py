@@ -5,9 +5,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import hydra.utils
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-BINARIZE = ("dynamic", "static", "none")
 PRECISIONS = ("32-true", "bf16-mixed")  # the Trainer's precisions the VAE is tested with
 
 
@@ -23,6 +24,17 @@ def exit_on_config_error() -> Iterator[None]:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """Hydra's ``instantiate``, letting a :class:`ConfigError` raised by a constructor through as
+    itself (Hydra wraps whatever a constructor raises in an ``InstantiationException``)."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise
 
 
 def _walk(node: Any, key: str, path: str = "") -> Iterator[tuple[str, Any]]:
@@ -44,9 +56,13 @@ def _is_number(value: Any) -> bool:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` naming the key to change for the first bad value in ``cfg``."""
+    """Raise :class:`ConfigError` naming the key to change for the first bad value in ``cfg``.
+
+    The data protocol (``data.binarize``, ``data.dataset``) is checked, also before training, by
+    :class:`vaelab.data.MNISTDataModule`, where its names live."""
     latent_dim = OmegaConf.select(cfg, "model.latent_dim")
-    if not _is_int(latent_dim) or latent_dim <= 0:
+    has_latents = "latent_dim" in cfg.model  # a density model without latent variables (model=made) has none
+    if has_latents and (not _is_int(latent_dim) or latent_dim <= 0):
         raise ConfigError(f"latent_dim must be a positive integer (e.g. latent_dim=2), got {latent_dim!r}")
     for path, p in _walk(cfg.model, "dropout"):
         if not _is_number(p) or not 0 <= p < 1:
@@ -60,16 +76,18 @@ def validate(cfg: DictConfig) -> None:
     checks = [
         ("model.optimizer.lr", "lr", lambda v: _is_number(v) and v > 0, "a positive number (e.g. lr=1e-3)"),
         ("model.l2", "l2", lambda v: _is_number(v) and v >= 0, "a number >= 0 (e.g. l2=1e-5)"),
-        ("model.beta", "model.beta", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+        ("model.objective.beta", "model.objective.beta", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
         ("data.batch_size", "batch_size", lambda v: _is_int(v) and v > 0, "a positive integer (e.g. batch_size=128)"),
         ("data.eval_batch_size", "data.eval_batch_size", lambda v: _is_int(v) and v > 0, "a positive integer"),
-        ("data.binarize", "data.binarize", lambda v: v in BINARIZE, "one of " + ", ".join(BINARIZE)),
         ("trainer.max_epochs", "max_epochs", lambda v: _is_int(v) and (v > 0 or v == -1),
          "a positive integer, or -1 for no limit"),
         ("seed", "seed", _is_int, "an integer"),
+        ("compile", "compile", lambda v: isinstance(v, bool), "true or false"),
         ("trainer.precision", "trainer.precision", lambda v: str(v) in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
     ]
     for path, key, ok, expected in checks:
         value = OmegaConf.select(cfg, path, default=None)
         if value is not None and not ok(value):
             raise ConfigError(f"{key} must be {expected}, got {value!r}")
+    if cfg.get("compile") is True and "compile" not in cfg.model:
+        raise ConfigError(f"compile=true is for the VAE models (model=mlp, model=conv), not {cfg.model._target_}")

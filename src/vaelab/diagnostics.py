@@ -1,39 +1,47 @@
 """How the latent space is used: KL per latent dimension and active units (Burda et al., 2015).
 
-A dimension ``d`` is *active* when its posterior mean moves with the input:
-``A_d = Var_x(E_q(z|x)[z_d]) > 0.01``. Both diagnostics read the diagonal-Gaussian posterior
-``(mean, log_var)`` that ``model.encode`` returns; the KL is against the prior ``N(0, I)``.
+A dimension ``d`` is *active* when its posterior moves with the input:
+``A_d = Var_x(E_q(z|x)[z_d]) > 0.01``, with the posterior's point summary standing for
+``E_q[z_d]`` (exact for a Gaussian posterior; for an IAF, the flow at eps = 0, which avoids the
+Monte Carlo noise a sampled mean would add to the variance). The KL is against the prior
+``N(0, I)``: closed form where the posterior has one, else a Monte Carlo estimate per dimension.
 """
 
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from vaelab.objectives import kl_normal
+from vaelab.posteriors.gaussian import standard_normal_log_density
 
 ACTIVE_THRESHOLD = 0.01
 
 
 @torch.inference_mode()
-def posterior_parameters(model: nn.Module, x: Tensor, batch_size: int = 1000) -> tuple[Tensor, ...]:
-    """``model.encode`` over ``x [N, ...]`` in batches: ``(mean [N, D], log_var [N, D])``."""
-    means, log_vars = zip(*(model.encode(xb) for xb in x.split(batch_size)), strict=True)
-    return torch.cat(means), torch.cat(log_vars)
+def posterior_summary(
+    model: nn.Module, x: Tensor, batch_size: int = 1000, mc_samples: int = 100
+) -> tuple[Tensor, Tensor]:
+    """``(point [N, D], kl [N, D])``: each image's point summary and its KL per dimension
+    (``mc_samples`` draws when the posterior has no closed form), over ``x [N, ...]`` in batches."""
+    points, kls = [], []
+    for xb in x.split(batch_size):
+        q = model.encode(xb)
+        kl = q.kl()
+        if kl is None:
+            z, log_q = q.rsample(mc_samples)
+            kl = (log_q - standard_normal_log_density(z)).mean(0)
+        points.append(q.point())
+        kls.append(kl)
+    return torch.cat(points), torch.cat(kls)
 
 
-def kl_per_dimension(mean: Tensor, log_var: Tensor) -> Tensor:
-    """``KL(q(z_d|x) || N(0, 1))`` averaged over images: ``[N, D] -> [D]`` (sums to the KL)."""
-    return kl_normal(mean.unsqueeze(-1), log_var.unsqueeze(-1)).mean(0)
+def activity(point: Tensor) -> Tensor:
+    """``Var_x(E_q[z_d])``, the variance over images of each point summary: ``[N, D] -> [D]``."""
+    return point.double().var(dim=0).to(point.dtype)
 
 
-def activity(mean: Tensor) -> Tensor:
-    """``Var_x(E_q[z_d])``, the variance over images of each posterior mean: ``[N, D] -> [D]``."""
-    return mean.double().var(dim=0).to(mean.dtype)
-
-
-def count_active_units(mean: Tensor, threshold: float = ACTIVE_THRESHOLD) -> int:
+def count_active_units(point: Tensor, threshold: float = ACTIVE_THRESHOLD) -> int:
     """Number of dimensions whose :func:`activity` exceeds ``threshold``."""
-    return int((activity(mean) > threshold).sum())
+    return int((activity(point) > threshold).sum())
 
 
 def plot_kl_per_dimension(kl: Tensor, active: Tensor, title: str = "") -> Figure:
@@ -49,4 +57,3 @@ def plot_kl_per_dimension(kl: Tensor, active: Tensor, title: str = "") -> Figure
     ax.set_xlim(-0.7, n - 0.3)
     ax.set_title(title or f"KL per dimension: {int(active.sum())} of {n} active (blue)")
     return fig
-

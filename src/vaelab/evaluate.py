@@ -5,11 +5,15 @@ split by importance sampling (:mod:`vaelab.likelihood`) and the latent diagnosti
 (:mod:`vaelab.diagnostics`), and writes into the checkpoint's run directory (or ``out_dir``):
 
 - ``evaluation.json``: flat keys ``<split>/elbo``, ``<split>/rec``, ``<split>/kl``, ``<split>/nll``
-  (the IW estimate of ``-log p(x)``, positive nats per image), ``<split>/bits_per_dim``,
+  (the IW estimate of ``-log p(x)``, positive nats per image; not reported for grey-level data,
+  ``binarize=none``, whose Bernoulli term is not a normalised likelihood), ``<split>/bits_per_dim``,
   ``<split>/active_units``, ``<split>/kl_per_dim`` (a list), and the protocol: ``iw_samples``,
   ``binarize``, ``split``, ``n_images``, ``epochs``, ``seed``, ``ckpt_path``, ``seconds`` (the
   time of the estimate);
 - ``kl_per_dim.png``, also added to the run's TensorBoard.
+
+A model with an exact likelihood and no latent variables (``model=made``) gets its exact
+``<split>/nll`` instead (``iw_samples: null``), and no latent diagnostics.
 
 The ELBO terms come from the same ``K`` samples: ``elbo = mean_k log w_k``,
 ``rec = -mean_k log p(x|z_k)``, ``kl = mean_k log q(z_k|x)/p(z_k)``.
@@ -23,20 +27,18 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from vaelab import config_dir
-from vaelab.checkpoint import load_model, read_checkpoint, run_directory
-from vaelab.config import ConfigError, exit_on_config_error
+from vaelab.checkpoint import model_from_checkpoint, read_checkpoint, run_directory
+from vaelab.config import ConfigError, exit_on_config_error, instantiate
 from vaelab.diagnostics import (
     ACTIVE_THRESHOLD,
     activity,
-    kl_per_dimension,
     plot_kl_per_dimension,
-    posterior_parameters,
+    posterior_summary,
 )
 from vaelab.likelihood import iw_estimates
 
@@ -70,12 +72,13 @@ def load_split(data_cfg: DictConfig, split: str, device: torch.device) -> Tensor
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Estimate, write ``evaluation.json`` and ``kl_per_dim.png``; return the results."""
+    """Estimate, write ``evaluation.json`` (and ``kl_per_dim.png`` for a latent-variable model);
+    return the results."""
     check(cfg)
     ckpt_path = Path(cfg.ckpt_path)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, train_cfg = load_model(ckpt_path, map_location=device)
     checkpoint = read_checkpoint(ckpt_path)
+    model, train_cfg = model_from_checkpoint(checkpoint, ckpt_path, map_location=device)
     for key, value in cfg.data.items():
         if value is not None:
             train_cfg.data[key] = value
@@ -84,23 +87,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     x = load_split(train_cfg.data, cfg.split, device)
 
     torch.manual_seed(cfg.seed)
-    start = time.perf_counter()
-    estimates = iw_estimates(model, x, cfg.iw_samples, cfg.chunk_size, progress=True)
+    s, start = cfg.split, time.perf_counter()
+    if hasattr(model, "log_densities"):  # a latent-variable model: importance sampling
+        results = latent_variable_results(model, x, cfg, out_dir, checkpoint["global_step"])
+    else:  # an exact likelihood (MADE): no importance sampling, no latent diagnostics
+        with torch.no_grad():
+            log_px = torch.cat([model.log_prob(xb) for xb in x.split(1000)])
+        results = {f"{s}/nll": -log_px.double().mean().item(), "iw_samples": None}
     seconds = time.perf_counter() - start
-    mean, log_var = posterior_parameters(model, x)
-    kl_dims, active = kl_per_dimension(mean, log_var), activity(mean) > ACTIVE_THRESHOLD
-
-    s = cfg.split
-    nll = -estimates.log_px.double().mean().item()
-    results = {
-        f"{s}/elbo": estimates.elbo.double().mean().item(),
-        f"{s}/rec": estimates.rec.double().mean().item(),
-        f"{s}/kl": estimates.kl.double().mean().item(),
-        f"{s}/nll": nll,
-        f"{s}/bits_per_dim": nll / (x[0].numel() * math.log(2)),
-        f"{s}/active_units": int(active.sum()),
-        f"{s}/kl_per_dim": [round(v, 5) for v in kl_dims.tolist()],
-        "iw_samples": cfg.iw_samples,
+    if train_cfg.data.binarize == "none":  # grey levels: the Bernoulli term is not a likelihood
+        results = {k: v for k, v in results.items() if k not in (f"{s}/nll", f"{s}/bits_per_dim")}
+    elif f"{s}/nll" in results:
+        results[f"{s}/bits_per_dim"] = results[f"{s}/nll"] / (x[0].numel() * math.log(2))
+    results |= {
         "binarize": train_cfg.data.binarize,
         "split": s,
         "n_images": len(x),
@@ -109,14 +108,31 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "ckpt_path": str(ckpt_path),
         "seconds": round(seconds, 2),
     }
+    (out_dir / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
 
+
+def latent_variable_results(model: Any, x: Tensor, cfg: DictConfig, out_dir: Path, step: int) -> dict[str, Any]:
+    """The IW estimate with its ELBO terms, active units and the KL per dimension (also drawn as
+    ``kl_per_dim.png`` and added to the run's TensorBoard)."""
+    s = cfg.split
+    estimates = iw_estimates(model, x, cfg.iw_samples, cfg.chunk_size, progress=True)
+    point, kl = posterior_summary(model, x)
+    kl_dims, active = kl.mean(0), activity(point) > ACTIVE_THRESHOLD
     title = f"{s}: {int(active.sum())} of {len(kl_dims)} active (blue), KL {kl_dims.sum():.2f} nats"
     figure = plot_kl_per_dimension(kl_dims, active, title)
     figure.savefig(out_dir / "kl_per_dim.png", dpi=120)
     with SummaryWriter(str(out_dir / "tensorboard")) as writer:
-        writer.add_figure(f"{s}/kl_per_dim", figure, global_step=checkpoint["global_step"])
-    (out_dir / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
-    return results
+        writer.add_figure(f"{s}/kl_per_dim", figure, global_step=step)
+    return {
+        f"{s}/elbo": estimates.elbo.double().mean().item(),
+        f"{s}/rec": estimates.rec.double().mean().item(),
+        f"{s}/kl": estimates.kl.double().mean().item(),
+        f"{s}/nll": -estimates.log_px.double().mean().item(),
+        f"{s}/active_units": int(active.sum()),
+        f"{s}/kl_per_dim": [round(v, 5) for v in kl_dims.tolist()],
+        "iw_samples": cfg.iw_samples,
+    }
 
 
 @hydra.main(config_path=str(config_dir()), config_name="evaluate", version_base="1.3")
@@ -125,7 +141,8 @@ def main(cfg: DictConfig) -> None:
         results = evaluate(cfg)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else run_directory(Path(cfg.ckpt_path))
     print(json.dumps({k: v for k, v in results.items() if not isinstance(v, list)}, indent=2))
-    print(f"wrote {out_dir / 'evaluation.json'} and {out_dir / 'kl_per_dim.png'}")
+    written = [out_dir / name for name in ("evaluation.json", "kl_per_dim.png") if (out_dir / name).is_file()]
+    print("wrote " + " and ".join(map(str, written)))
 
 
 if __name__ == "__main__":

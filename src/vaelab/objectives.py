@@ -1,24 +1,24 @@
-"""The terms of the VAE objective, in nats per image.
+"""Log-likelihood terms and training objectives, in nats per image.
 
 Conventions: ``rec = -log p(x|z)`` summed over pixels, ``kl = KL(q(z|x) || p(z))`` summed over
-latent dimensions, ``elbo = -(rec + kl)`` (a lower bound on ``log p(x)``, so negative), and the
-training loss is ``rec + beta * kl``. All functions keep every leading (batch, sample) dimension.
+latent dimensions, ``elbo = -(rec + kl)`` (a lower bound on ``log p(x)``, so negative). Everything
+that scores a model works on :class:`LogDensities`: the three log-densities at ``n`` posterior
+samples per image, with ``log p(z)`` and ``log q(z|x)`` kept per latent dimension (free bits needs
+them so).
+
+A training objective is a small object: ``objective(densities, step) -> loss`` (a scalar to
+minimise), with ``n_samples`` saying how many posterior samples per image it needs. Validation
+and test report the plain ELBO whatever the objective (:func:`elbo_terms`).
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from vaelab.config import ConfigError
 from vaelab.fastmath import softplus
-
-
-def kl_normal(mean: Tensor, log_var: Tensor) -> Tensor:
-    """Closed-form ``KL(N(mean, exp(log_var)) || N(0, I))`` summed over the last dim.
-
-    ``[..., D] -> [...]``:  ``-1/2 sum_d (1 + log s_d^2 - m_d^2 - s_d^2)``.
-    """
-    return -0.5 * torch.sum(1 + log_var - mean.pow(2) - log_var.exp(), dim=-1)
 
 
 def bernoulli_log_likelihood(logits: Tensor, x: Tensor, event_dims: int = 3) -> Tensor:
@@ -35,16 +35,24 @@ def bernoulli_log_likelihood(logits: Tensor, x: Tensor, event_dims: int = 3) -> 
         return torch.einsum("...p,...p->...", logits, x) - softplus(logits).sum(dim=-1)
 
 
-def gaussian_rsample(mean: Tensor, log_var: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Reparameterised sample ``z = mean + exp(log_var / 2) * eps``, ``eps ~ N(0, I)``."""
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return mean + (0.5 * log_var).exp() * eps
+class LogDensities(NamedTuple):
+    """The log-densities at ``n`` samples ``z ~ q(z|x)`` for each of ``B`` images."""
+
+    log_px_z: Tensor  # [n, B]     log p(x|z)
+    log_pz: Tensor  # [n, B, D]    log p(z), per latent dimension
+    log_qz: Tensor  # [n, B, D]    log q(z|x), per latent dimension
+    kl: Tensor | None  # [B, D]    closed-form KL(q || p) per dimension, if the posterior has one
 
 
-def gaussian_log_density(z: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
-    """``log N(z; mean, diag(exp(log_var)))`` summed over the last dim: ``[..., D] -> [...]``."""
-    squared = (z - mean).pow(2) * torch.exp(-log_var)
-    return -0.5 * torch.sum(math.log(2 * math.pi) + log_var + squared, dim=-1)
+def kl_per_dimension(d: LogDensities) -> Tensor:
+    """``KL(q(z|x) || p(z))`` per image and dimension, ``[B, D]``: closed form when the posterior
+    gives it (lower variance), else the Monte Carlo estimate ``mean_n log q - log p``."""
+    return d.kl if d.kl is not None else (d.log_qz - d.log_pz).mean(0)
+
+
+def elbo_terms(d: LogDensities) -> tuple[Tensor, Tensor]:
+    """``(rec [B], kl [B])`` of the plain ELBO (beta = 1, no clamp), averaged over the samples."""
+    return -d.log_px_z.mean(0), kl_per_dimension(d).sum(-1)
 
 
 def log_importance_weights(log_px_z: Tensor, log_pz: Tensor, log_qz: Tensor) -> Tensor:
@@ -59,3 +67,57 @@ def iw_log_likelihood(log_w: Tensor) -> Tensor:
     one-sample ELBO estimate.
     """
     return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
+
+
+class ELBO:
+    """``loss = rec + w(step) * sum_d max(free_bits, mean_batch KL_d)``.
+
+    Args:
+        beta: the KL weight once warm-up is over (1 gives the ELBO).
+        kl_warmup_steps: the weight rises linearly from 0 at step 0 to ``beta`` at this optimizer
+            step (Sønderby et al., 2016); 0 means no warm-up. The step is the trainer's
+            ``global_step``, so the schedule survives a resume and stands still during validation.
+        free_bits: nats per latent dimension (Kingma et al., 2016): each dimension's KL, averaged
+            over the batch, is clamped from below at this value before the sum, so a dimension
+            pays nothing for carrying up to ``free_bits`` nats; 0 turns it off.
+    """
+
+    n_samples = 1
+
+    def __init__(self, beta: float = 1.0, kl_warmup_steps: int = 0, free_bits: float = 0.0) -> None:
+        if not beta >= 0:
+            raise ConfigError(f"model.objective.beta must be >= 0, got {beta}")
+        if not (isinstance(kl_warmup_steps, int) and kl_warmup_steps >= 0):
+            raise ConfigError(f"model.objective.kl_warmup_steps must be an integer >= 0, got {kl_warmup_steps}")
+        if not free_bits >= 0:
+            raise ConfigError(f"model.objective.free_bits must be >= 0 (nats per dimension), got {free_bits}")
+        self.beta, self.kl_warmup_steps, self.free_bits = beta, kl_warmup_steps, free_bits
+
+    def kl_weight(self, step: int) -> float:
+        """The KL weight at optimizer step ``step``."""
+        if self.kl_warmup_steps == 0:
+            return self.beta
+        return self.beta * min(1.0, step / self.kl_warmup_steps)
+
+    def __call__(self, d: LogDensities, step: int) -> Tensor:
+        rec = -d.log_px_z.mean()
+        kl = kl_per_dimension(d).mean(0)  # [D], averaged over the batch
+        if self.free_bits > 0:
+            kl = kl.clamp(min=self.free_bits)
+        return rec + self.kl_weight(step) * kl.sum()
+
+
+class IWAE:
+    """The importance-weighted bound of Burda et al. (2015) with ``k`` samples, negated:
+    ``loss = -mean_batch (logsumexp_k log w_k - log k)`` with sample-based log-weights
+    ``log w = log p(x|z) + log p(z) - log q(z|x)`` (never the closed-form KL). Autograd through
+    the logsumexp gives the paper's gradient: the normalised weights act as constants."""
+
+    def __init__(self, k: int = 5) -> None:
+        if not (isinstance(k, int) and k >= 1):
+            raise ConfigError(f"model.objective.k must be a positive integer (samples per image), got {k}")
+        self.n_samples = k
+
+    def __call__(self, d: LogDensities, step: int) -> Tensor:
+        log_w = log_importance_weights(d.log_px_z, d.log_pz.sum(-1), d.log_qz.sum(-1))
+        return -iw_log_likelihood(log_w).mean()

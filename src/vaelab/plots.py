@@ -108,8 +108,9 @@ def device_of(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def encode_means(model: nn.Module, x: Tensor, batch_size: int = 1000) -> Tensor:
-    """Posterior means ``[N, latent_dim]`` of ``x [N, 1, 28, 28]``, in batches."""
-    return torch.cat([model.encode(batch)[0] for batch in x.split(batch_size)])
+    """The posterior's point summaries ``[N, latent_dim]`` of ``x [N, 1, 28, 28]`` (the mean of a
+    Gaussian posterior; the flow at eps = 0 for an IAF), in batches."""
+    return torch.cat([model.encode(batch).point() for batch in x.split(batch_size)])
 
 
 @torch.no_grad()

@@ -1,11 +1,20 @@
-"""``python -m vaelab.report <multirun dir>``: a sweep's jobs in one table, best first.
+"""``python -m vaelab.report <multirun dir> [--evaluate [--iw-samples K]]``: a sweep's jobs in one
+table, best first.
 
 A job is a directory holding ``.hydra/overrides.yaml`` (anywhere under the sweep directory). Its
 row has the values of the swept parameters (the overrides that differ between jobs), every number
-of its ``metrics.json``, and, for a failed job, the first line of its ``error.txt`` (or why it
-has no ``metrics.json``). The table is printed as Markdown and written, with a plot of the metric
-against each swept parameter, as ``report.md``, ``report.csv`` and ``report.png`` into the sweep
-directory. Every sweep (``vaelab.train -m``) ends with this report (:class:`SweepReport`).
+of its ``metrics.json``, its ``seconds_per_epoch`` (``timing.json``, written by
+:class:`vaelab.callbacks.timing.EpochTimer`), and, for a failed job, the first line of its
+``error.txt`` (or why it has no ``metrics.json``). The table is printed as Markdown and written,
+with a plot of the metric against each swept parameter, as ``report.md``, ``report.csv`` and
+``report.png`` into the sweep directory. Every sweep (``vaelab.train -m``) ends with this report
+(:class:`SweepReport`).
+
+``--evaluate`` adds the results table (docs/results.md): each finished job's best checkpoint is
+evaluated on the test split by :func:`vaelab.evaluate.evaluate` (importance-weighted NLL with K
+samples, the K-sample ELBO, active units), which writes ``evaluation.json`` into the job's
+directory; a job whose ``evaluation.json`` already holds that checkpoint at that K is not
+evaluated again.
 """
 
 import argparse
@@ -21,7 +30,10 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from vaelab import config_dir
+
 NO_METRICS = "no metrics.json (the job was killed, or is still running)"
+EVALUATION, TIMING = "evaluation.json", "timing.json"
 
 
 @dataclass
@@ -47,6 +59,9 @@ def read_job(job_dir: Path, sweep_dir: Path) -> Job:
     metrics_file, error_file = job_dir / "metrics.json", job_dir / "error.txt"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    timing_file = job_dir / TIMING
+    if timing_file.is_file():
+        numbers["seconds_per_epoch"] = float(json.loads(timing_file.read_text())["seconds_per_epoch"])
     error = None
     if error_file.is_file():
         error = (error_file.read_text().strip().splitlines() or ["error.txt is empty"])[0]
@@ -167,9 +182,118 @@ def plot(path: Path, jobs: list[Job], metric: str) -> bool:
     return True
 
 
-def report(sweep_dir: Path, metric: str = "val/loss", maximize: bool = False) -> str:
+def higher_is_better(metric: str) -> bool:
+    """The default direction of a metric: up for an ELBO (``val/elbo``), down for anything else."""
+    return metric.rsplit("/", 1)[-1] == "elbo"
+
+
+def best_checkpoint(job_dir: Path) -> Path:
+    """The checkpoint ``metrics.json`` names as best, found in the job's ``checkpoints/`` when the
+    sweep directory has moved since training; ``FileNotFoundError`` if there is none."""
+    name = json.loads((job_dir / "metrics.json").read_text()).get("best_checkpoint")
+    if not name:
+        raise FileNotFoundError("no best checkpoint recorded in metrics.json")
+    for path in (Path(name), job_dir / "checkpoints" / Path(name).name):
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"best checkpoint {name} not found")
+
+
+def evaluate_job(job_dir: Path, iw_samples: int, data_root: str | None = None) -> dict[str, Any]:
+    """The test-split evaluation of the job's best checkpoint with ``iw_samples`` importance
+    samples: its ``evaluation.json`` when that holds this checkpoint at this K, else a new one
+    (announced on stderr: at K = 5000 it takes minutes on a CPU)."""
+    from vaelab.evaluate import evaluate  # torch and the models: only when evaluating
+
+    ckpt = best_checkpoint(job_dir)
+    cached = job_dir / EVALUATION
+    if cached.is_file():
+        results = json.loads(cached.read_text())
+        key = (results.get("split"), results.get("iw_samples"), Path(results.get("ckpt_path", "")).name)
+        if key == ("test", iw_samples, ckpt.name):
+            return results
+    print(f"evaluating {job_dir}: {ckpt.name}, test split, K={iw_samples}", file=sys.stderr)
+    cfg = OmegaConf.load(config_dir() / "evaluate.yaml")  # the CLI's defaults, without Hydra's own keys
+    cfg.pop("defaults"), cfg.pop("hydra")
+    overrides = {"ckpt_path": str(ckpt), "iw_samples": iw_samples, "split": "test", "out_dir": str(job_dir)}
+    if data_root is not None:
+        overrides["data"] = {"root": data_root}
+    return evaluate(OmegaConf.merge(cfg, overrides))
+
+
+def _label(job: Job, swept: list[str]) -> str:
+    """A row's name: the value of the one swept parameter (``mlp_vae``), else ``key=value`` pairs."""
+    if len(swept) == 1:
+        return job.overrides.get(swept[0], "")
+    return " ".join(f"{k}={job.overrides.get(k, '')}" for k in swept) or job.name
+
+
+def evaluate_jobs(
+    sweep_dir: Path, jobs: list[Job], iw_samples: int, data_root: str | None = None
+) -> dict[str, dict[str, Any] | str]:
+    """job name -> :func:`evaluate_job`'s results, or the line saying why there are none (a failed
+    job's error, or the evaluation's own); one job's failure does not stop the others."""
+    evaluations: dict[str, dict[str, Any] | str] = {}
+    for job in jobs:
+        if job.failed:
+            evaluations[job.name] = job.error or ""
+            continue
+        try:
+            evaluations[job.name] = evaluate_job(sweep_dir / job.name, iw_samples, data_root)
+        except Exception as err:  # any cause (no checkpoint, a model it cannot evaluate): the row says it
+            evaluations[job.name] = f"{type(err).__name__}: {err}".splitlines()[0]
+    return evaluations
+
+
+def results_table(
+    jobs: list[Job], evaluations: dict[str, dict[str, Any] | str], iw_samples: int
+) -> tuple[list[str], list[list[Any]]]:
+    """``(header, rows)`` of the results table, lowest NLL first: per job its :func:`_label`,
+    epochs trained, the epoch of its best checkpoint, test ELBO and NLL in nats, active units,
+    seconds per epoch, and a note for a job without an evaluation (why not)."""
+    swept = swept_keys(jobs)
+    results = {job.name: evaluations.get(job.name, "not evaluated") for job in jobs}
+
+    def nll(job: Job) -> float:
+        value = results[job.name].get("test/nll") if isinstance(results[job.name], dict) else None
+        return value if isinstance(value, int | float) else math.inf
+
+    def nats(value: Any) -> str:
+        return f"{value:.2f}" if isinstance(value, int | float) else ""
+
+    rows = []
+    for job in sorted(jobs, key=nll):
+        done = results[job.name] if isinstance(results[job.name], dict) else {}
+        seconds = job.metrics.get("seconds_per_epoch")
+        rows.append([
+            _label(job, swept),
+            int(job.metrics["epochs"]) if "epochs" in job.metrics else "",
+            done.get("epochs", ""),
+            nats(done.get("test/elbo")),
+            nats(done.get("test/nll")),
+            done.get("test/active_units", ""),
+            f"{seconds:.1f}" if seconds is not None else "",
+            "" if done else f"failed: {results[job.name]}",
+        ])
+    header = ["model", "epochs", "best epoch", "test ELBO", f"test NLL (K={iw_samples})", "active units",
+              "s/epoch", "note"]
+    if not any(row[-1] for row in rows):
+        header, rows = header[:-1], [row[:-1] for row in rows]
+    return header, rows
+
+
+def report(
+    sweep_dir: Path,
+    metric: str = "val/elbo",
+    maximize: bool | None = None,
+    iw_samples: int | None = None,
+    data_root: str | None = None,
+) -> str:
     """Write ``report.md``, ``report.csv`` and ``report.png`` into ``sweep_dir``; return the
-    Markdown."""
+    Markdown. ``maximize`` None: :func:`higher_is_better`. With ``iw_samples``, evaluate every
+    finished job's best checkpoint (:func:`evaluate_job`, ``data_root`` overriding the data
+    root it was trained with) and add the results table."""
+    maximize = higher_is_better(metric) if maximize is None else maximize
     jobs = sort_jobs(read_sweep(sweep_dir), metric, maximize)
     if not jobs:
         raise FileNotFoundError(f"no job directories (with .hydra/overrides.yaml) under {sweep_dir}")
@@ -181,6 +305,12 @@ def report(sweep_dir: Path, metric: str = "val/loss", maximize: bool = False) ->
         f"# Sweep {sweep_dir}\n\n{len(jobs)} jobs, {failed} failed; sorted by {metric}, {order} first.\n"
         f"Common overrides: {common}\n\n{markdown(header, rows)}"
     )
+    if iw_samples is not None:
+        evaluations = evaluate_jobs(sweep_dir, jobs, iw_samples, data_root)
+        text += (
+            f"\n## Results: test split, each job's best checkpoint, NLL importance-weighted with K={iw_samples}\n\n"
+            f"{markdown(*results_table(jobs, evaluations, iw_samples))}"
+        )
     (sweep_dir / "report.md").write_text(text)
     write_csv(sweep_dir / "report.csv", header, rows)
     plot(sweep_dir / "report.png", jobs, metric)
@@ -192,8 +322,9 @@ class SweepReport(Callback):
     the sweep directory, sorted by ``optimized_metric`` in the sweeper's direction."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        metric = config.get("optimized_metric") or "val/loss"
-        maximize = OmegaConf.select(config, "hydra.sweeper.direction", default=None) == "maximize"
+        metric = config.get("optimized_metric") or "val/elbo"
+        direction = OmegaConf.select(config, "hydra.sweeper.direction", default=None)
+        maximize = direction == "maximize" if direction else None
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             print(report(sweep_dir, metric, maximize))
@@ -206,13 +337,30 @@ class SweepReport(Callback):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vaelab.report", description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="a multirun directory, e.g. outputs/multirun/<date>_<time>")
-    parser.add_argument("--metric", default="val/loss", help="the key of metrics.json to sort by (default val/loss)")
-    parser.add_argument("--maximize", action="store_true", help="highest first (e.g. for val/elbo)")
+    parser.add_argument("--metric", default="val/elbo", help="the key of metrics.json to sort by (default val/elbo)")
+    direction = parser.add_mutually_exclusive_group()
+    direction.add_argument("--maximize", action="store_true", default=None,
+                           help="highest first (the default for an ELBO)")
+    direction.add_argument("--minimize", dest="maximize", action="store_false", help="lowest first")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="evaluate each job's best checkpoint on the test split and add the results table "
+                             "(cached in the job's evaluation.json)")
+    parser.add_argument("--iw-samples", type=int, default=None, metavar="K",
+                        help="importance samples per test image for --evaluate (default: vaelab.evaluate's, 5000)")
+    parser.add_argument("--data-root", default=None,
+                        help="for --evaluate: the data root, if not where the jobs were trained")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         parser.exit(2, f"error: {args.sweep_dir} is not a directory\n")
+    if args.iw_samples is not None and not args.evaluate:
+        parser.exit(2, "error: --iw-samples is for --evaluate; add --evaluate\n")
+    if args.iw_samples is not None and args.iw_samples < 1:
+        parser.exit(2, f"error: --iw-samples must be a positive integer, got {args.iw_samples}\n")
+    iw_samples = None
+    if args.evaluate:
+        iw_samples = args.iw_samples or OmegaConf.load(config_dir() / "evaluate.yaml").iw_samples
     try:
-        print(report(args.sweep_dir, args.metric, args.maximize), end="")
+        print(report(args.sweep_dir, args.metric, args.maximize, iw_samples, args.data_root), end="")
     except FileNotFoundError as err:
         parser.exit(2, f"error: {err}\n")
     print(f"\nwritten: {args.sweep_dir}/report.md, report.csv, report.png")

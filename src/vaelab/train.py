@@ -1,8 +1,9 @@
 """``python -m vaelab.train [key=value ...]``: fit a VAE, then validate and test its best checkpoint.
 
 The run directory (Hydra's output dir) receives the resolved ``config.yaml``, ``command.txt``,
-TensorBoard events, ``checkpoints/`` (``last.ckpt`` and the best by ``val/loss``) and
-``metrics.json``.
+TensorBoard events, ``checkpoints/`` (``last.ckpt`` and the best by ``val/elbo``) and
+``metrics.json``. The logic lives in the library (:mod:`vaelab.data`, :mod:`vaelab.vae`,
+:mod:`vaelab.callbacks`); this module composes it from the config.
 """
 
 import json
@@ -10,6 +11,7 @@ import logging
 import math
 import os
 import shlex
+import shutil
 import sys
 import traceback
 from collections.abc import Sequence
@@ -21,14 +23,14 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from vaelab import config_dir
+from vaelab.callbacks.distributed import ProcessGroupTeardown, RankSeed, TrainingProgress
 from vaelab.checkpoint import SaveConfigInCheckpoint, check_compatible, read_checkpoint, resolve_ckpt_path
-from vaelab.config import ConfigError, validate
+from vaelab.config import ConfigError, instantiate, validate
 
 log = logging.getLogger(__name__)
 
@@ -56,31 +58,6 @@ def write_run_info(output_dir: Path, cfg: DictConfig) -> None:
     (output_dir / "command.txt").write_text(_command() + "\n")
 
 
-class TrainingProgress(pl.Callback):
-    """Leaves the epochs and steps trained in ``callback_metrics``, which ``ddp_spawn`` carries
-    back to the launching process (whose own trainer counters stay at 0)."""
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        trainer.callback_metrics["epochs"] = torch.tensor(trainer.current_epoch)
-        trainer.callback_metrics["global_step"] = torch.tensor(trainer.global_step)
-
-
-class ProcessGroupTeardown(pl.Callback):
-    """Ends the ``torch.distributed`` process group when a stage ends, all ranks together.
-
-    Lightning destroys an NCCL group at exit but leaves a gloo group (DDP on CPUs) to the
-    interpreter's shutdown, where its threads are torn down in no set order: now and then a
-    spawned worker then aborts ("terminate called without an active exception", SIGABRT) after
-    its work is done, and the whole run fails. A barrier, then an orderly destroy, avoids that;
-    the next stage (validate, test) starts a new group.
-    """
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-
-
 @rank_zero_only
 def write_error(output_dir: Path, err: BaseException) -> None:
     """``error.txt`` of a failed sweep job: the error on its first line, then the traceback."""
@@ -103,10 +80,42 @@ def torch_threads(cfg: DictConfig) -> int | None:
     return max(1, cores // n_jobs)
 
 
+# HParams columns: short name -> where the value takes effect (the first path that is set).
+HPARAMS = {
+    "latent_dim": ("model.latent_dim", "latent_dim"),
+    "dropout": ("dropout",),
+    "l2": ("model.l2", "l2"),
+    "lr": ("model.optimizer.lr", "lr"),
+    "batch_size": ("data.batch_size", "batch_size"),
+    "seed": ("seed",),
+    "beta": ("model.objective.beta", "model.beta"),
+    "binarize": ("data.binarize",),
+    "dataset": ("data.dataset",),
+}
+CLASS_HPARAMS = ("encoder", "decoder", "posterior", "objective")  # their class names, e.g. posterior: IAF
+
+
 def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
-    """What TensorBoard's HParams tab compares across runs: the model, the data protocol, the seed."""
-    data = {k: cfg.data[k] for k in ("dataset", "binarize", "batch_size") if k in cfg.data}
-    return {"model": OmegaConf.to_container(cfg.model, resolve=True), "data": data, "seed": cfg.seed}
+    """What TensorBoard's HParams tab compares across runs, under short names: the keys a sweep
+    varies and the class names of the model's parts (absent ones left out)."""
+    params = {}
+    for name, paths in HPARAMS.items():
+        values = (OmegaConf.select(cfg, path) for path in paths)
+        value = next((v for v in values if v is not None), None)
+        if value is not None:
+            params[name] = value
+    for part in CLASS_HPARAMS:
+        target = OmegaConf.select(cfg, f"model.{part}._target_")
+        if target:
+            params[part] = target.rsplit(".", 1)[-1]
+    return params
+
+
+def remove_if_unused(run_dir: Path) -> None:
+    """Remove a run directory that holds only what Hydra wrote before the run started
+    (``.hydra/``, ``<job>.log``): a refused config leaves no run behind."""
+    if run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir)
 
 
 def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
@@ -124,19 +133,23 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = instantiate(cfg.data)
+    if not getattr(datamodule, "binary", True) and OmegaConf.select(cfg, "model.iw_samples_test"):
+        log.info("data.binarize=none: grey levels have no Bernoulli likelihood, so no test/nll or test/bits_per_dim")
+        cfg.model.iw_samples_test = 0  # also in the saved config and checkpoints
     model = instantiate(cfg.model)
     if ckpt_path:
         check_compatible(model, read_checkpoint(ckpt_path), ckpt_path)
     datamodule.prepare_data()  # missing data fails here, before the Trainer starts
 
-    callbacks = [*instantiate_all(cfg.get("callbacks")), SaveConfigInCheckpoint(cfg), TrainingProgress()]
-    callbacks += [ProcessGroupTeardown(), *extra_callbacks]
+    callbacks = [RankSeed(cfg.seed), *instantiate_all(cfg.get("callbacks")), SaveConfigInCheckpoint(cfg)]
+    callbacks += [TrainingProgress(), ProcessGroupTeardown(), *extra_callbacks]
     loggers = instantiate_all(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     write_run_info(output_dir, cfg)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     progress = {"epochs": trainer.current_epoch, "global_step": trainer.global_step}
+    # under ddp_spawn this process's counters stay at 0; the workers' come back in callback_metrics
     progress |= {k: int(trainer.callback_metrics[k]) for k in progress if k in trainer.callback_metrics}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     best = best or None  # none under fast_dev_run: evaluate the weights in memory
@@ -147,12 +160,13 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
 
     numbers = {k: v for k, v in metrics.items() if isinstance(v, float)}
     final = {f"final/{k}": v for k, v in numbers.items()}  # own tags: the curves keep their steps
+    step = progress["global_step"]
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):  # its HParams tab pairs them with the metrics
-            logger.log_hyperparams(hyperparameters(cfg), final)
+            logger.log_hyperparams(hyperparameters(cfg), final, step=step)
         else:
             logger.log_hyperparams(hyperparameters(cfg))
-            logger.log_metrics(final, step=trainer.global_step)
+            logger.log_metrics(final, step=step)
         logger.save()
     write_json(output_dir / "metrics.json", metrics)
     log.info("metrics: %s", json.dumps(numbers, sort_keys=True))
@@ -176,6 +190,8 @@ def main(cfg: DictConfig) -> float | None:
         if not in_sweep and not isinstance(err, ConfigError | FloatingPointError):
             raise
         if not in_sweep:
+            if isinstance(err, ConfigError):
+                remove_if_unused(Path(cfg.paths.output_dir))
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2 if isinstance(err, ConfigError) else 1)
         log.error("job failed: %s", err, exc_info=not isinstance(err, ConfigError))

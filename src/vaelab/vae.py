@@ -1,14 +1,16 @@
-"""The VAE as a LightningModule: an encoder, a decoder and the ELBO (Kingma & Welling, 2014).
+"""The VAE as a LightningModule: encoder, posterior, decoder and a training objective.
 
-Posterior ``q(z|x) = N(mean, diag(exp(log_var)))`` from the encoder, prior ``p(z) = N(0, I)``,
-likelihood ``p(x|z) = Bernoulli(sigmoid(decoder(z)))`` per pixel. Every logged number is in nats
-per image: ``rec = -log p(x|z)`` summed over pixels, ``kl`` summed over latent dimensions, both
-averaged over the batch; ``elbo = -(rec + kl)``; ``loss = rec + beta * kl``.
+``q(z|x)`` is a pluggable posterior (:mod:`vaelab.posteriors`) fed by the encoder, the prior is
+``p(z) = N(0, I)``, the likelihood ``p(x|z) = Bernoulli(sigmoid(decoder(z)))`` per pixel. The
+training loss is the objective's (:mod:`vaelab.objectives`: the ELBO with beta, KL warm-up and
+free bits, or the IWAE bound); validation and test always log the plain ELBO, so runs trained on
+different objectives compare. Every logged number is in nats per image: ``rec = -log p(x|z)``
+summed over pixels, ``kl`` summed over latent dimensions, both averaged over the batch;
+``elbo = -(rec + kl)``.
 
 Precision: under ``trainer.precision=bf16-mixed`` the networks run in bfloat16 (autocast), but
-:meth:`VAE.encode` and :meth:`VAE.decode` return their results in the dtype of their input
-(float32), and the objective is computed in float32 (:mod:`vaelab.objectives`), so logged nats
-keep float32 resolution.
+the encoder's outputs and the decoder's logits are returned in the dtype of the input (float32),
+and the log-densities are computed in float32, so logged nats keep float32 resolution.
 """
 
 import math
@@ -22,28 +24,29 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from vaelab.likelihood import iw_estimates
-from vaelab.objectives import (
-    bernoulli_log_likelihood,
-    gaussian_log_density,
-    gaussian_rsample,
-    kl_normal,
-)
+from vaelab.objectives import ELBO, LogDensities, bernoulli_log_likelihood, elbo_terms
+from vaelab.posteriors import PosteriorBatch
+from vaelab.posteriors.gaussian import GaussianPosterior, standard_normal_log_density
 
 
 class VAE(pl.LightningModule):
-    """A VAE with pluggable networks.
+    """A VAE with pluggable networks, posterior and objective.
 
     Args:
-        encoder: ``x [B, 1, 28, 28] -> (mean, log_var)``, each ``[B, latent_dim]``.
+        encoder: ``x [B, 1, 28, 28] -> (mean, log_var)`` or ``(mean, log_var, context)``, each
+            ``[B, latent_dim]`` (the context ``[B, context_dim]``, for posteriors that use one).
         decoder: ``z [..., latent_dim] -> logits [..., 1, 28, 28]``.
         optimizer: a partial optimizer, called with the parameter groups (Adam by default).
         latent_dim: size of ``z``.
-        beta: weight of the KL term in the loss (1 gives the ELBO).
+        posterior: turns the encoder's output into ``q(z|x)`` (default: diagonal Gaussian).
+        objective: the training loss from the log-densities (default: the ELBO).
         l2: L2 weight decay on weight matrices only (not biases), applied through the
             optimizer's ``weight_decay``; with Adam this is the gradient of the penalty
             ``l2/2 * sum ||W||^2`` (``tf.nn.l2_loss``), which is not part of the logged loss.
         iw_samples_test: K of the importance-weighted ``test/nll`` (and ``test/bits_per_dim``)
             logged by the test stage; 0 skips it.
+        compile: compile :meth:`forward` (networks, posterior and log-densities) with
+            ``torch.compile``, in place, when a Trainer sets the model up (:meth:`configure_model`).
     """
 
     def __init__(
@@ -52,20 +55,44 @@ class VAE(pl.LightningModule):
         decoder: nn.Module,
         optimizer: Callable[[Iterable], Optimizer],
         latent_dim: int,
-        beta: float = 1.0,
+        posterior: nn.Module | None = None,
+        objective: Callable[[LogDensities, int], Tensor] | None = None,
         l2: float = 0.0,
         iw_samples_test: int = 0,
+        compile: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["encoder", "decoder", "optimizer"])
+        self.save_hyperparameters(ignore=["encoder", "decoder", "optimizer", "posterior", "objective"])
         self.encoder, self.decoder, self.optimizer = encoder, decoder, optimizer
-        self.latent_dim, self.beta, self.l2 = latent_dim, beta, l2
-        self.iw_samples_test = iw_samples_test
+        self.posterior = posterior if posterior is not None else GaussianPosterior()
+        self.objective = objective if objective is not None else ELBO()
+        self.latent_dim, self.l2, self.iw_samples_test = latent_dim, l2, iw_samples_test
+        self.compiled = False
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``x [B, 1, 28, 28] -> (mean, log_var)`` of ``q(z|x)``, each ``[B, latent_dim]``."""
-        mean, log_var = self.encoder(x)
-        return mean.to(x.dtype), log_var.to(x.dtype)
+    def configure_model(self) -> None:
+        """``compile=True``: :meth:`compile_forward`, once, for the Trainer's device (the module is
+        still on the CPU when Lightning calls this)."""
+        if self.hparams.get("compile") and not self.compiled:
+            self.compile_forward(self.trainer.strategy.root_device)
+
+    def compile_forward(self, device: torch.device) -> None:
+        """Compile ``self(x, n)`` with ``torch.compile``, in place (parameter names and checkpoints
+        unchanged). One static graph per batch shape, ``n`` and mode (training, evaluation), so a
+        run compiles a handful (training batch, the last partial one, evaluation batch) in its
+        first epoch and none after; ``encode``/``decode`` (pictures) stay eager. On a GPU with CUDA
+        graphs. ``fallback_random``: the noise is torch's own, so a compiled run draws what an
+        eager run draws."""
+        mode = "reduce-overhead" if torch.device(device).type == "cuda" else "default"
+        # The limit counts graphs of VAE.forward over every model of the process (8 by default): a
+        # sweep run in one process (Hydra's basic launcher) would fall back to eager by its third job.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.compile(dynamic=False, options={**torch._inductor.list_mode_options(mode), "fallback_random": True})
+        self.compiled = True
+
+    def encode(self, x: Tensor) -> PosteriorBatch:
+        """``q(z|x)`` of a batch ``x [B, 1, 28, 28]``."""
+        outputs = [t.to(x.dtype) for t in self.encoder(x)]
+        return self.posterior(*outputs)
 
     def decode(self, z: Tensor) -> Tensor:
         """``z [..., latent_dim] -> `` Bernoulli logits ``[..., 1, 28, 28]``."""
@@ -73,9 +100,8 @@ class VAE(pl.LightningModule):
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
-        """Decoder means (pixel probabilities) at the posterior means: ``[B, 1, 28, 28]``."""
-        mean, _ = self.encode(x)
-        return torch.sigmoid(self.decode(mean))
+        """Decoder means (pixel probabilities) at the posterior's point summary: ``[B, 1, 28, 28]``."""
+        return torch.sigmoid(self.decode(self.encode(x).point()))
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -83,40 +109,54 @@ class VAE(pl.LightningModule):
         z = torch.randn(n, self.latent_dim, generator=generator, device=self.device)
         return torch.sigmoid(self.decode(z))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """One-sample ELBO terms per image: ``(rec [B], kl [B])`` in nats."""
-        mean, log_var = self.encode(x)
-        z = gaussian_rsample(mean, log_var)
-        rec = -bernoulli_log_likelihood(self.decode(z), x)
-        return rec, kl_normal(mean, log_var)
+    def forward(self, x: Tensor, n_samples: int = 1) -> LogDensities:
+        """The log-densities at ``n_samples`` draws ``z ~ q(z|x)`` per image."""
+        q = self.encode(x)
+        z, log_qz = q.rsample(n_samples)
+        log_px_z = bernoulli_log_likelihood(self.decode(z), x)
+        return LogDensities(log_px_z, standard_normal_log_density(z), log_qz, q.kl())
 
     def log_densities(self, x: Tensor, n_samples: int) -> tuple[Tensor, Tensor, Tensor]:
         """``(log p(x|z), log p(z), log q(z|x))``, each ``[n_samples, B]``, at ``n_samples`` draws
-        ``z ~ q(z|x)`` per image: all that :mod:`vaelab.likelihood` asks of a model (a richer
-        posterior overrides this)."""
-        mean, log_var = self.encode(x)
-        mean, log_var = (t.expand(n_samples, *t.shape) for t in (mean, log_var))
-        z = gaussian_rsample(mean, log_var)
-        log_px_z = bernoulli_log_likelihood(self.decode(z), x)
-        log_pz = gaussian_log_density(z, torch.zeros_like(z), torch.zeros_like(z))
-        return log_px_z, log_pz, gaussian_log_density(z, mean, log_var)
+        ``z ~ q(z|x)`` per image: all that :mod:`vaelab.likelihood` asks of a model."""
+        d = self(x, n_samples)
+        return d.log_px_z, d.log_pz.sum(-1), d.log_qz.sum(-1)
 
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, _ = batch
-        rec, kl = (term.mean() for term in self(x))
-        loss = rec + self.beta * kl
+        d = self(x, self.objective.n_samples)
+        loss = self.objective(d, self.global_step)
+        if self._logs_this_step():
+            self._log_elbo(d, "train", len(x))
+            # Lightning reads progress-bar values back (.item()) after every batch: a host sync
+            # per step on a GPU, so there the bar shows validation numbers only.
+            self.log("train/loss", loss, prog_bar=self.device.type == "cpu", batch_size=float(len(x)))
+            if isinstance(self.objective, ELBO):  # the warm-up schedule, as it was applied
+                self.log("train/kl_weight", self.objective.kl_weight(self.global_step), batch_size=float(len(x)))
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, _ = batch
+        self._log_elbo(self(x), "val", len(x))
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, _ = batch
+        self._log_elbo(self(x), "test", len(x))
+        if self.iw_samples_test > 0:
+            nll = -iw_estimates(self, x, self.iw_samples_test).log_px.mean()
+            bits_per_dim = nll / (x[0].numel() * math.log(2))
+            metrics = {"test/nll": nll, "test/bits_per_dim": bits_per_dim}
+            self.log_dict(metrics, on_epoch=True, batch_size=float(len(x)), sync_dist=True)
+
+    def _log_elbo(self, d: LogDensities, stage: str, batch_size: int) -> None:
+        """Log the plain ELBO (beta = 1, no clamp) and its terms, averaged over the batch."""
+        rec, kl = (term.mean() for term in elbo_terms(d))
         train = stage == "train"
-        if train and not self._logs_this_step():
-            return loss
         # A float batch size: Lightning averages the per-process image counts, and would floor an
         # integer one, which biases the mean when the shards differ in size (tests/test_ddp.py).
-        log = dict(on_step=train, on_epoch=not train, batch_size=float(len(x)), sync_dist=not train)
-        # Lightning reads progress-bar values back (.item()) after every batch: a host sync per
-        # step on a GPU, so there the bar shows the validation loss only.
-        prog_bar = not train or self.device.type == "cpu"
-        self.log(f"{stage}/loss", loss, prog_bar=prog_bar, **log)
-        self.log_dict({f"{stage}/elbo": -(rec + kl), f"{stage}/rec": rec, f"{stage}/kl": kl}, **log)
-        return loss
+        log = dict(on_step=train, on_epoch=not train, batch_size=float(batch_size), sync_dist=not train)
+        self.log(f"{stage}/elbo", -(rec + kl), prog_bar=not train, **log)
+        self.log_dict({f"{stage}/rec": rec, f"{stage}/kl": kl}, **log)
 
     def _logs_this_step(self) -> bool:
         """Whether Lightning writes this training step's metrics (every
@@ -126,21 +166,6 @@ class VAE(pl.LightningModule):
         if trainer is None or trainer.fast_dev_run:
             return True
         return (trainer.global_step + 1) % trainer.log_every_n_steps == 0
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
-        if self.iw_samples_test > 0:
-            x, _ = batch
-            nll = -iw_estimates(self, x, self.iw_samples_test).log_px.mean()
-            bits_per_dim = nll / (x[0].numel() * math.log(2))
-            metrics = {"test/nll": nll, "test/bits_per_dim": bits_per_dim}
-            self.log_dict(metrics, on_epoch=True, batch_size=float(len(x)), sync_dist=True)
 
     def configure_gradient_clipping(
         self,

@@ -1,6 +1,7 @@
 """``python -m vaelab.visualize ckpt_path=<ckpt> [out_dir=...] [data.root=...]``: every picture
 of a checkpoint as a PNG (reconstructions, prior samples, latent scatter, manifold with quantile
-and linear spacing, interpolations); prints the paths.
+and linear spacing, interpolations; for a model without latent variables, MADE, its samples);
+prints the paths.
 
 The checkpoint's saved config rebuilds its model and its data (test split, same binarization).
 """
@@ -9,13 +10,12 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
 from vaelab import config_dir, plots
 from vaelab.checkpoint import load_model, run_directory
-from vaelab.config import ConfigError, exit_on_config_error
+from vaelab.config import ConfigError, exit_on_config_error, instantiate
 
 
 @torch.no_grad()
@@ -31,6 +31,13 @@ def visualize(cfg: DictConfig) -> list[Path]:
     datamodule = instantiate(OmegaConf.merge(train_cfg.data, overrides))
     datamodule.setup()
     x, y = datamodule.splits["test"]
+
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else run_directory(ckpt_path) / "images"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not hasattr(model, "encode"):  # no latent space (MADE): its samples are the picture
+        samples = model.sample(cfg.n_samples, generator=torch.Generator().manual_seed(cfg.seed))
+        save_image(plots.image_grid(samples, nrow=8), out_dir / "samples.png")
+        return [out_dir / "samples.png"]
 
     latent_dim = model.latent_dim
     z = torch.randn(cfg.n_samples, latent_dim, generator=torch.Generator().manual_seed(cfg.seed))
@@ -49,8 +56,6 @@ def visualize(cfg: DictConfig) -> list[Path]:
         "manifold_linear": plots.manifold(model, spacing="linear", **grid),
         "interpolations": plots.interpolations(model, pairs[0::2], pairs[1::2], cfg.steps),
     }
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else run_directory(ckpt_path) / "images"
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, image in pictures.items():
         paths.append(out_dir / f"{name}.png")

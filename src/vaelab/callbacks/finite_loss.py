@@ -10,7 +10,8 @@ class FiniteLossCheck(Callback):
     On a CPU the loss is checked every step, before any later callback sees the weights. On an
     accelerator finiteness is accumulated on the device and read back only every
     ``every_n_steps`` steps and before each validation (so before any checkpoint is written),
-    which keeps the host from synchronising with the device on every step.
+    which keeps the host from synchronising with the device on every step. Under DDP the flag
+    is reduced across ranks at each check, so all ranks stop together.
     """
 
     def __init__(self, every_n_steps: int = 50) -> None:
@@ -31,7 +32,11 @@ class FiniteLossCheck(Callback):
         self.check(trainer)
 
     def check(self, trainer: Trainer) -> None:
-        if self.finite is not None and not bool(self.finite):
+        """Raise on every rank at once if the loss of any rank was not finite (under DDP a rank
+        that raised alone would leave the others waiting in the next collective)."""
+        if self.finite is None:
+            return
+        if not trainer.strategy.reduce_boolean_decision(bool(self.finite), all=True):
             raise FloatingPointError(
                 f"the training loss became NaN or infinite by step {trainer.global_step}; "
                 "lower lr, add gradient clipping, or check the data (the last good checkpoint is kept)"

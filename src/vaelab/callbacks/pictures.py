@@ -8,17 +8,24 @@ optimizer steps 1, 2, 4, 8, ... of the first epoch, so TensorBoard's image slide
 space forming; at the end of training the manifold's snapshots become
 ``<images dir>/manifold_evolution.gif``. Drawing happens on global rank 0 only, in eval mode
 without gradients (the module's mode is restored), and uses no global random state, so training
-is the same with or without these callbacks.
+is the same with or without these callbacks. Each picture is encoded as PNG once, and the same
+bytes go to the file and to TensorBoard, on a writer thread, so training goes on while they are written.
 """
 
+import io
+from collections.abc import Callable
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
-from torchvision.utils import save_image
+from torch.utils.tensorboard import SummaryWriter
 
 from vaelab import plots
 from vaelab.config import ConfigError
@@ -39,6 +46,7 @@ class Pictures(Callback):
         self.last_step = -1
         self.x: Tensor | None = None
         self.y: Tensor | None = None
+        self.writes: list[Future] = []
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         splits = getattr(trainer.datamodule, "splits", {})
@@ -58,7 +66,8 @@ class Pictures(Callback):
         self.snapshot(trainer, pl_module, early=False)
 
     def snapshot(self, trainer: Trainer, pl_module: LightningModule, early: bool) -> None:
-        """Draw, write ``<name>/step_<step>.png`` and log to every TensorBoard logger."""
+        """Prepare the picture; the writer thread renders it, writes ``<name>/step_<step>.png`` and
+        logs it to every TensorBoard logger."""
         step = trainer.global_step
         if not trainer.is_global_zero or step == self.last_step:
             return
@@ -68,24 +77,40 @@ class Pictures(Callback):
         try:
             if not self.encodes_finitely(pl_module):
                 return  # diverged: nothing to draw; FiniteLossCheck stops the run with a message
-            image = self.draw(pl_module, early)
+            render = self.prepare(pl_module, early)
         finally:
             pl_module.train(was_training)
         path = self.images_dir(trainer) / self.name / f"step_{step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(image, path)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image(f"pictures/{self.name}", image, step)
+        writers = [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+        self.writes.append(_WRITER.submit(write_png, render, path, writers, f"pictures/{self.name}", step))
+
+    def wait(self) -> None:
+        """Block until this callback's pictures are written (raising a writer's error)."""
+        writes, self.writes = self.writes, []
+        for write in writes:
+            write.result()
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.wait()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        futures.wait(self.writes)  # the pictures so far, without hiding the exception behind a writer's
+        self.writes = []
 
     @torch.no_grad()
     def encodes_finitely(self, pl_module: LightningModule) -> bool:
-        """Whether the model still maps the first fixed images to finite posterior parameters."""
-        return all(bool(torch.isfinite(t).all()) for t in pl_module.encode(self.x[:16]))
+        """Whether the model still maps the first fixed images to finite latent points."""
+        return bool(torch.isfinite(pl_module.encode(self.x[:16]).point()).all())
 
     def draw(self, pl_module: LightningModule, early: bool) -> Tensor:
         """The picture, ``[3, H, W]`` in [0, 1]; ``early`` at the log-spaced steps."""
         raise NotImplementedError
+
+    def prepare(self, pl_module: LightningModule, early: bool) -> Callable[[], Tensor]:
+        """What the model contributes to the picture, computed now; the returned function renders
+        the picture (on the writer thread). By default everything is drawn now."""
+        image = self.draw(pl_module, early)
+        return lambda: image
 
 
 class Reconstructions(Pictures):
@@ -128,9 +153,14 @@ class LatentScatter(Pictures):
         self.n_points, self.n_points_early = n_points, n_points_early
 
     def draw(self, pl_module: LightningModule, early: bool) -> Tensor:
+        return self.prepare(pl_module, early)()
+
+    def prepare(self, pl_module: LightningModule, early: bool) -> Callable[[], Tensor]:
+        """Encode now; the matplotlib figure (most of the time) is drawn on the writer thread."""
         n = self.n_points_early if early else self.n_points
-        step = pl_module.trainer.global_step
-        return plots.latent_scatter(pl_module, self.x[:n], self.y[:n], title=f"test set, step {step}")
+        points, axis_labels = plots.project_2d(plots.encode_means(pl_module, self.x[:n]))
+        title = f"test set, step {pl_module.trainer.global_step}"
+        return partial(plots.scatter_image, points.cpu(), self.y[:n].cpu(), axis_labels, title)
 
 
 class LatentManifold(Pictures):
@@ -181,10 +211,34 @@ class LatentManifold(Pictures):
         return plots.manifold(pl_module, pl_module.latent_dim, self.n, self.spacing, self.quantile, self.bound, dims)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
         if self.gif and trainer.is_global_zero:
             frames = sorted((self.images_dir(trainer) / self.name).glob("step_*.png"))
             if frames:
                 write_gif(frames, self.images_dir(trainer) / "manifold_evolution.gif")
+
+
+# One thread for every picture callback: pictures are rendered and written in order, off the
+# training thread (using a core the training step leaves idle, e.g. in Python; PNG encoding and
+# file writes release the GIL), and all matplotlib drawing during training happens on it.
+_WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaelab-pictures")
+
+
+def write_png(render: Callable[[], Tensor], path: Path, writers: list[SummaryWriter], tag: str, step: int) -> None:
+    """Render the picture (``[3, H, W]`` in [0, 1]) and encode it as PNG once, as torchvision's
+    ``save_image`` would; write it to ``path`` and log the same bytes as image ``tag`` at ``step``
+    to each TensorBoard writer."""
+    pixels = render().mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png)
+    height, width, channels = pixels.shape
+    image = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=png)
+    for writer in writers:
+        # add_image would encode the PNG again; its file writer takes the summary as it is
+        writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
 
 def write_gif(pngs: list[Path], path: Path, ms_per_frame: int = 400, ms_last: int = 2000) -> None:

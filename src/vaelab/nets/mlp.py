@@ -1,7 +1,8 @@
 """Fully connected encoder and decoder (the 784-500-500-z architecture of the classic write-ups).
 
-The encoder returns the parameters of a diagonal Gaussian posterior as ``(mean, log_var)``:
-the log-*variance*, everywhere in vaelab. The decoder returns Bernoulli logits shaped like the
+The encoder returns the parameters of a diagonal Gaussian as ``(mean, log_var)`` (the
+log-*variance*, everywhere in vaelab), plus a context vector for posteriors that use one (IAF)
+when ``context_dim > 0``. The decoder returns Bernoulli logits shaped like the
 image, so ``sigmoid(logits)`` is the decoder mean.
 """
 
@@ -56,7 +57,8 @@ def _check(latent_dim: int, hidden_dims: Sequence[int], dropout: float, weight_d
 
 
 class MLPEncoder(nn.Module):
-    """``x [B, *image_shape] -> (mean [B, latent_dim], log_var [B, latent_dim])``."""
+    """``x [B, *image_shape] -> (mean [B, latent_dim], log_var [B, latent_dim])``, and
+    ``context [B, context_dim]`` third when ``context_dim > 0``."""
 
     def __init__(
         self,
@@ -65,16 +67,20 @@ class MLPEncoder(nn.Module):
         dropout: float = 0.0,
         image_shape: Sequence[int] = (1, 28, 28),
         weight_dropout: float = 0.0,
+        context_dim: int = 0,
     ) -> None:
         super().__init__()
         _check(latent_dim, hidden_dims, dropout, weight_dropout)
+        if context_dim < 0:
+            raise ValueError(f"context_dim must be >= 0, got {context_dim}")
         self.image_dims = len(image_shape)
-        self.net = mlp([prod(image_shape), *hidden_dims, 2 * latent_dim], dropout, weight_dropout)
+        self.sizes = (latent_dim, latent_dim, context_dim)
+        self.net = mlp([prod(image_shape), *hidden_dims, sum(self.sizes)], dropout, weight_dropout)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         h = self.net(x.flatten(start_dim=-self.image_dims))
-        mean, log_var = h.chunk(2, dim=-1)
-        return mean, log_var
+        mean, log_var, context = h.split(self.sizes, dim=-1)
+        return (mean, log_var, context) if context.shape[-1] else (mean, log_var)
 
 
 class MLPDecoder(nn.Module):

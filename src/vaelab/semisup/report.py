@@ -1,0 +1,132 @@
+"""``python -m vaelab.semisup.report <sweep dir> [<sweep dir> ...]``: test error per method and label budget.
+
+Reads every job of one or more sweeps (``vaelab.train -m model=m2,m1m2 ...`` and
+``vaelab.semisup -m ...``), groups the finished ones by method (M1, M2, M1+M2) and number of
+labels, and gives the mean and standard deviation (over label seeds and run seeds, n - 1 in the
+denominator) of the test error in percent, next to the paper's number (Kingma et al., 2014,
+Table 1; M1 is the paper's M1+TSVM). Written as ``semisup_report.md`` and ``semisup_report.csv``
+into the first sweep directory (or ``--out``). The budget sweep presets end with it
+(:class:`BudgetReport`).
+"""
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from vaelab.report import SweepReport, read_sweep
+
+# test error (%) of Kingma et al. (2014), Table 1, by number of labels
+PAPER = {
+    "M1": {100: 11.82, 600: 5.72, 1000: 4.24, 3000: 3.49},  # M1+TSVM
+    "M2": {100: 11.97, 600: 4.94, 1000: 3.60, 3000: 3.92},
+    "M1+M2": {100: 3.33, 600: 2.59, 1000: 2.40, 3000: 2.18},
+}
+METHODS = {"vaelab.semisup.m2.M2": "M2", "vaelab.semisup.m2.M1M2": "M1+M2"}
+HEADER = ["method", "labels", "runs", "failed", "test error % mean", "std", "min", "max", "paper %", "epochs"]
+
+
+def job_method(job_dir: Path) -> tuple[str, int] | None:
+    """``(method, number of labels)`` of a job from its ``.hydra/config.yaml``; None for a job
+    that is not semi-supervised."""
+    cfg = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
+    method = cfg.get("method") or METHODS.get(OmegaConf.select(cfg, "model._target_"))
+    per_class = OmegaConf.select(cfg, "data.labels_per_class")
+    if method is None or not isinstance(per_class, int):
+        return None
+    return method, 10 * per_class
+
+
+def summarize(sweep_dirs: list[Path]) -> list[list[Any]]:
+    """One row per ``(method, labels)`` (see ``HEADER``), methods in the paper's order."""
+    errors: dict[tuple[str, int], list[float]] = defaultdict(list)
+    epochs: dict[tuple[str, int], list[float]] = defaultdict(list)
+    failed: dict[tuple[str, int], int] = defaultdict(int)
+    for sweep_dir in sweep_dirs:
+        for job in read_sweep(sweep_dir):
+            key = job_method(sweep_dir / job.name)
+            if key is None:
+                continue
+            if job.failed or "test/error" not in job.metrics:
+                failed[key] += 1
+                continue
+            errors[key].append(100 * job.metrics["test/error"])
+            if "epochs" in job.metrics:
+                epochs[key].append(job.metrics["epochs"])
+    order = list(PAPER)
+    rows = []
+    for method, labels in sorted(errors.keys() | failed.keys(), key=lambda k: (order.index(k[0]), k[1])):
+        e = errors[(method, labels)]
+        mean = statistics.fmean(e) if e else math.nan
+        std = statistics.stdev(e) if len(e) > 1 else math.nan
+        ep = epochs[(method, labels)]
+        rows.append([method, labels, len(e), failed[(method, labels)], mean, std, min(e, default=math.nan),
+                     max(e, default=math.nan), PAPER[method].get(labels, math.nan),
+                     f"{min(ep):g}-{max(ep):g}" if ep and min(ep) != max(ep) else (f"{ep[0]:g}" if ep else "")])
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.2f}"
+    return str(value)
+
+
+def markdown(rows: list[list[Any]]) -> str:
+    lines = [HEADER, ["---"] * len(HEADER), *rows]
+    return "\n".join("| " + " | ".join(_cell(v) for v in line) + " |" for line in lines) + "\n"
+
+
+def report(sweep_dirs: list[Path], out_dir: Path | None = None) -> str:
+    """Write ``semisup_report.md`` and ``.csv`` into ``out_dir`` (default the first sweep
+    directory); return the Markdown."""
+    rows = summarize(sweep_dirs)
+    if not rows:
+        raise FileNotFoundError(f"no semi-supervised jobs (model=m2, model=m1m2 or vaelab.semisup) under "
+                                f"{', '.join(map(str, sweep_dirs))}")
+    out_dir = out_dir or sweep_dirs[0]
+    text = (f"# Test error by method and number of labels\n\nSweeps: {', '.join(map(str, sweep_dirs))}\n"
+            "Mean and standard deviation over the finished runs (label seeds x seeds); paper: Kingma et al. "
+            "(2014), Table 1 (M1: M1+TSVM).\n\n" + markdown(rows))
+    (out_dir / "semisup_report.md").write_text(text)
+    with (out_dir / "semisup_report.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([HEADER, *rows])
+    return text
+
+
+class BudgetReport(SweepReport):
+    """Hydra callback: the usual sweep report, then :func:`report` of the sweep."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        super().on_multirun_end(config, **kwargs)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            print(report([sweep_dir]))
+        except FileNotFoundError as err:
+            print(f"no semi-supervised report: {err}", file=sys.stderr)
+            return
+        print(f"report: {sweep_dir}/semisup_report.md, semisup_report.csv")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vaelab.semisup.report", description=__doc__.split("\n")[0])
+    parser.add_argument("sweep_dirs", type=Path, nargs="+", help="multirun directories (of M1, M2, M1+M2 sweeps)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: the first)")
+    args = parser.parse_args(argv)
+    for d in args.sweep_dirs:
+        if not d.is_dir():
+            parser.exit(2, f"error: {d} is not a directory\n")
+    try:
+        print(report(args.sweep_dirs, args.out), end="")
+    except FileNotFoundError as err:
+        parser.exit(2, f"error: {err}\n")
+
+
+if __name__ == "__main__":
+    main()
