@@ -57,7 +57,7 @@ def test_m2_run_selects_on_validation_error(compose_cfg, tmp_path):
         assert key in metrics
     assert metrics["test/error"] == pytest.approx(1 - metrics["test/accuracy"])
     checkpoint = torch.load(metrics["best_checkpoint"], weights_only=False)
-    (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("ModelCheckpoint")]
+    (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("ModelCheckpoint") and v["monitor"]]
     assert state["monitor"] == "val/error" and state["best_model_score"] == pytest.approx(metrics["val/error"])
     assert sorted((tmp_path / "run" / "images" / "analogies").glob("step_*.png"))
     model, _ = load_model(metrics["best_checkpoint"])

@@ -78,7 +78,7 @@ def test_resume_continues_steps_and_optimizer(make_cfg, tmp_path):
 
 
 def test_resume_mid_epoch_ends_at_the_same_step(make_cfg, tmp_path):
-    every_5 = "+callbacks.model_checkpoint.every_n_train_steps=5"  # last.ckpt mid-epoch too
+    every_5 = "+callbacks.last_checkpoint.every_n_train_steps=5"  # last.ckpt mid-epoch too
     train(make_cfg("max_epochs=3", "+trainer.max_steps=10", every_5, "callbacks=model_checkpoint"))
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert state["global_step"] == 10  # 3 batches into the second epoch
@@ -151,3 +151,13 @@ def test_library_modules_do_not_import_the_command_line():
             "print(sorted(m for m in sys.modules if m in ('vaelab.train', 'vaelab.evaluate', 'vaelab.visualize')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_last_checkpoint_is_the_latest_epoch_even_when_the_best_came_early(make_cfg, tmp_path):
+    """ckpt_path=last must resume from the end of training, not from the best epoch (Lightning's
+    own save_last writes only in epochs that also save a top-k checkpoint)."""
+    # mode=min on val/elbo keeps the worst bound: with training improving it, the first epoch
+    metrics = train(make_cfg("max_epochs=3", "callbacks.model_checkpoint.mode=min", "logger=none"))
+    assert metrics["best_checkpoint"].endswith("best-epoch000.ckpt")
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (last["epoch"], last["global_step"]) == (2, metrics["global_step"])
