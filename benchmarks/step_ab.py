@@ -1,5 +1,5 @@
 """Interleaved A/B of the VAE's training step: eager or compiled (``VAE.compile_forward``), with
-vaelab's ``fastmath`` ELU/softplus or torch's native ``F.elu``/``F.softplus``.
+vaelab's ``fastmath`` ELU in the networks or torch's native ``F.elu``.
 
     python benchmarks/step_ab.py [--rounds 7] [--steps 50] [--threads N] [key=value ...]
 
@@ -25,21 +25,21 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 import vaelab
-from vaelab import fastmath, objectives
+from vaelab import fastmath
 
 VARIANTS = ("eager fastmath", "eager native", "compiled fastmath", "compiled native")
 
 
 @contextmanager
 def native_ops(native: bool) -> Iterator[None]:
-    """Within: ``fastmath``'s ELU and the objective's softplus are torch's native ops."""
-    saved = fastmath.elu, objectives.softplus
+    """Within: the networks' ELU (``fastmath.elu``) is torch's native ``F.elu``."""
+    saved = fastmath.elu
     if native:
-        fastmath.elu, objectives.softplus = F.elu, F.softplus
+        fastmath.elu = F.elu
     try:
         yield
     finally:
-        fastmath.elu, objectives.softplus = saved
+        fastmath.elu = saved
 
 
 def make_step(cfg, compiled: bool, clip: float) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -377,7 +377,10 @@ def measure(cfg: DictConfig, modes: list[str], epochs: int, device: torch.device
 
     vaelab_modes = [m for m in VAELAB_MODES if m in modes]
     for mode in vaelab_modes:
+        marks = {name: len(loop.times) for name, loop in loops.items()}
         results[mode] = run_vaelab(with_compile(cfg, VAELAB_MODES[mode]), epochs, memory, between_epochs)
+        # the hand-written loops' epochs run right after each of this mode's timed epochs
+        results[mode]["paired_epoch_s"] = {name: loop.times[marks[name]:] for name, loop in loops.items()}
     if not vaelab_modes:
         for _ in range(epochs):
             between_epochs()
@@ -393,18 +396,24 @@ def measure(cfg: DictConfig, modes: list[str], epochs: int, device: torch.device
 def cli_epochs(cfg: DictConfig, data_root: str, overrides: list[str], rounds: int, device: torch.device) -> dict:
     """The CLI's whole epoch as a user sees it, ``(wall(3 epochs) - wall(1 epoch)) / 2`` of
     ``python -m vaelab.train``, against an epoch of the bare loop that trains and validates, in
-    ``rounds`` interleaved rounds; medians."""
+    ``rounds`` interleaved rounds (a bare epoch before and after each pair of CLI runs); medians.
+    Also the 3-epoch run's own timer (``timing.json``: training and validation of epochs 2 and 3,
+    without pictures and checkpoints), a check with no start-up noise in it."""
     loop, val_x = bare_loop(cfg, device)
     loop.epoch()  # warm-up
     threads = [f"threads={torch.get_num_threads()}"] if not any(o.startswith("threads=") for o in overrides) else []
     trainer = ["trainer=gpu"] if device.type == "cuda" else []
-    bare_s, cli_s, walls = [], [], []
+
+    def bare_epoch() -> float:
+        start = clock(device)
+        loop.epoch()
+        loop.evaluate(val_x, cfg.data.eval_batch_size)
+        return clock(device) - start
+
+    bare_s, cli_s, timer_s, walls = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="vaelab-cli-") as tmp:
         for r in range(rounds):
-            start = clock(device)
-            loop.epoch()
-            loop.evaluate(val_x, cfg.data.eval_batch_size)
-            bare_s.append(clock(device) - start)
+            before = bare_epoch()
             wall = {}
             for n in (1, 3):
                 command = [sys.executable, "-m", "vaelab.train", f"data.root={data_root}", f"max_epochs={n}",
@@ -412,11 +421,14 @@ def cli_epochs(cfg: DictConfig, data_root: str, overrides: list[str], rounds: in
                 start = time.perf_counter()
                 subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 wall[n] = time.perf_counter() - start
+            bare_s.append((before + bare_epoch()) / 2)
             walls.append(wall)
             cli_s.append((wall[3] - wall[1]) / 2)
-    bare, cli = statistics.median(bare_s), statistics.median(cli_s)
+            timer_s.append(statistics.mean(json.loads(Path(f"{tmp}/run{r}-3/timing.json").read_text())["epoch_seconds"][1:]))
+    bare, cli, timer = statistics.median(bare_s), statistics.median(cli_s), statistics.median(timer_s)
     return {"cli_epoch_s": cli, "bare_epoch_s": bare, "bare/cli_pace": bare / cli,
-            "cli_epoch_times_s": cli_s, "bare_epoch_times_s": bare_s, "cli_walls_s": walls}
+            "timer_epoch_s": timer, "bare/timer_pace": bare / timer, "cli_epoch_times_s": cli_s,
+            "bare_epoch_times_s": bare_s, "timer_epoch_times_s": timer_s, "cli_walls_s": walls}
 
 
 def model_rows(cfg_for: Callable[[list[str]], DictConfig], names: list[str], epochs: int, device: torch.device) -> dict:
@@ -486,6 +498,17 @@ def eval_speed(cfg: DictConfig, device: torch.device, n_images: int, k: int) -> 
     return {"images": len(x), "k": k, **results}
 
 
+def speed_ratio(results: dict, mode: str, base: str) -> float:
+    """How many times faster ``mode`` trains than ``base``: the median over epochs of the ratio of
+    epoch times run back to back (a vaelab epoch and the hand-written epochs that follow it; the
+    hand-written loops' epochs of one round), so that the machine's drift over a run cancels."""
+    if mode in VAELAB_MODES:
+        pairs = zip(results[mode]["paired_epoch_s"][base], results[mode]["epoch_times_s"], strict=True)
+    else:
+        pairs = zip(results[base]["epoch_times_s"], results[mode]["epoch_times_s"], strict=True)
+    return statistics.median(base_s / mode_s for base_s, mode_s in pairs)
+
+
 def report(results: dict, info: dict) -> dict:
     """Print the table (Markdown) and the ratios; return the JSON record."""
 
@@ -505,7 +528,7 @@ def report(results: dict, info: dict) -> dict:
     pairs = [(mode, "bare") for mode in ("bare-compiled", "vaelab", "vaelab-compiled")] + [("vaelab", "dataloader")]
     for mode, base in pairs:
         if mode in results and base in results:
-            ratios[f"{mode}/{base}"] = results[mode]["train_images_per_s"] / results[base]["train_images_per_s"]
+            ratios[f"{mode}/{base}"] = speed_ratio(results, mode, base)
     print("\n" + "   ".join(f"{name}: {ratio:.2f}" for name, ratio in ratios.items()))
     return {**info, "results": results, "ratios": ratios}
 
@@ -513,8 +536,12 @@ def report(results: dict, info: dict) -> dict:
 def report_extras(extras: dict) -> None:
     """Print the --cli, --models and --eval results."""
     if cli := extras.get("cli"):
+        rounds = zip(cli["bare_epoch_times_s"], cli["cli_epoch_times_s"], strict=True)
+        paces = ", ".join(f"{bare / epoch:.2f}" for bare, epoch in rounds)
         print(f"\nCLI whole epoch (3 epochs - 1 epoch) / 2: {cli['cli_epoch_s']:.2f} s; bare loop train + validate: "
-              f"{cli['bare_epoch_s']:.2f} s; bare/cli pace: {cli['bare/cli_pace']:.2f}")
+              f"{cli['bare_epoch_s']:.2f} s; bare/cli pace: {cli['bare/cli_pace']:.2f} (rounds: {paces})")
+        print(f"the CLI run's own epoch timer (epochs 2-3, training + validation): {cli['timer_epoch_s']:.2f} s; "
+              f"bare/timer pace: {cli['bare/timer_pace']:.2f}")
     if rows := extras.get("models"):
         print("\n| model | train img/s | epoch s | whole epoch s | compile s |\n| --- | ---: | ---: | ---: | ---: |")
         for name, r in rows.items():

@@ -1,10 +1,9 @@
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 
-from vaelab.fastmath import ELU, elu, softplus
+from vaelab.fastmath import ELU, elu
 
 # Every float32 regime: large of both signs (exp over/underflows), near zero (where exp(x) - 1
 # cancels), and the exact kinks.
@@ -16,8 +15,8 @@ def values(dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([torch.tensor(EDGES, dtype=dtype), 8 * torch.randn(10_000, generator=g, dtype=dtype)])
 
 
-@pytest.mark.parametrize("fast, native", [(elu, F.elu), (softplus, F.softplus)])
-def test_float32_within_float32_rounding_of_the_exact_value(fast, native):
+def test_float32_within_float32_rounding_of_the_exact_value():
+    fast, native = elu, F.elu
     x = values(torch.float32)
     exact = native(x.double())
     # 2 float32 roundings: absolute near 1 (where exp(x) - 1 and log(1 + y) round), relative for
@@ -28,30 +27,26 @@ def test_float32_within_float32_rounding_of_the_exact_value(fast, native):
 
 def test_known_values():
     torch.testing.assert_close(elu(torch.tensor([-1.0, 0.0, 2.0])), torch.tensor([math.exp(-1) - 1, 0.0, 2.0]))
-    torch.testing.assert_close(softplus(torch.tensor([0.0, 1.0, -1.0])),
-                               torch.tensor([math.log(2), math.log(1 + math.e), math.log(1 + 1 / math.e)]))
 
 
-@pytest.mark.parametrize("fast, native", [(elu, F.elu), (softplus, F.softplus)])
-def test_gradients_match_the_native_op(fast, native):
+def test_gradients_match_the_native_op():
     x = values(torch.float64).requires_grad_()
     weights = torch.rand_like(x)
-    (grad,) = torch.autograd.grad((fast(x) * weights).sum(), x)
-    (expected,) = torch.autograd.grad((native(x) * weights).sum(), x)
+    (grad,) = torch.autograd.grad((elu(x) * weights).sum(), x)
+    (expected,) = torch.autograd.grad((F.elu(x) * weights).sum(), x)
     torch.testing.assert_close(grad, expected)
 
 
-@pytest.mark.parametrize("fast", [elu, softplus])
-def test_gradcheck(fast):
+def test_gradcheck():
     x = torch.randn(50, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
     x = x + torch.where(x.abs() < 1e-3, 0.1, 0.0)  # away from the kink, for finite differences
-    assert torch.autograd.gradcheck(fast, (x,))
+    assert torch.autograd.gradcheck(elu, (x,))
 
 
 def test_inputs_are_not_modified():
     x = torch.randn(20)
     copy = x.clone()
-    elu(x), softplus(x)
+    elu(x)
     torch.testing.assert_close(x, copy)
 
 
@@ -64,6 +59,6 @@ def test_elu_module_is_an_nn_elu():
 
 def test_other_devices_use_the_native_op():
     x = torch.randn(3, 4, device="meta", requires_grad=True)
-    assert (elu(x).grad_fn.name(), softplus(x).grad_fn.name()) == ("EluBackward0", "SoftplusBackward0")
+    assert elu(x).grad_fn.name() == "EluBackward0"
     cpu = torch.randn(3, 4, requires_grad=True)
-    assert elu(cpu).grad_fn.name() != "EluBackward0" and softplus(cpu).grad_fn.name() != "SoftplusBackward0"
+    assert elu(cpu).grad_fn.name() != "EluBackward0"

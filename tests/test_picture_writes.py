@@ -16,7 +16,7 @@ def test_png_file_and_tensorboard_image_are_save_image_bytes(tmp_path):
     expected = io.BytesIO()
     save_image(image, expected, format="png")
     writer = SummaryWriter(tmp_path / "tb")
-    write_png(lambda: image, tmp_path / "pics" / "step_0000007.png", [writer], "pictures/x", 7)
+    write_png(image, tmp_path / "pics" / "step_0000007.png", [writer], "pictures/x", 7)
     writer.close()
 
     assert (tmp_path / "pics" / "step_0000007.png").read_bytes() == expected.getvalue()

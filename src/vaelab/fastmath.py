@@ -1,14 +1,15 @@
-"""ELU and softplus built from ``exp`` and ``log``, for speed on CPU.
+"""The networks' ELU built from ``exp``, for speed on CPU.
 
-On CPU, torch computes ``expm1`` and ``log1p`` (behind ``F.elu`` and ``F.softplus``) without
-vectorisation: 4-8x slower than ``exp`` and ``log`` (``[128, 500]`` on 2 cores: ``F.elu``
-290 us, this ``elu`` 62 us; ``[128, 784]``: ``F.softplus`` 490 us, this ``softplus`` 146 us).
-In the MLP VAE's training step that was about a tenth of the time (benchmarks/train_speed.py).
+On CPU, torch computes ``expm1`` (behind ``F.elu``) without vectorisation: 4-8x slower than
+``exp`` (``[128, 500]`` on 2 cores: ``F.elu`` 290 us, this ``elu`` 62 us). It stays because the
+measurement says so (``benchmarks/step_ab.py``, docs/speed.md): with it the eager training step is
+as fast or faster, and the compiled step is faster too (inductor generates ``expm1`` as well), so
+compiling does not make it redundant. It is confined to the networks; the likelihood
+(:func:`vaelab.objectives.bernoulli_log_likelihood`) uses torch's ``F.softplus``, as written.
 
-The same functions, computed with ``exp(x) - 1`` and ``log(1 + exp(-|x|))`` in place of
-``expm1`` and ``log1p``, differ from the native ops by at most one float32 rounding of numbers
-near 1 (2.4e-7 absolute; tests/test_fastmath.py). The backward passes are the analytic
-derivatives. On other devices (CUDA's kernels are fast) these call the native ops.
+``exp(x) - 1`` in place of ``expm1(x)`` differs from the native op by at most one float32 rounding
+of numbers near 1 (2.4e-7 absolute; tests/test_fastmath.py). The backward pass is the native
+kernel's. On other devices (CUDA's kernels are fast) this calls ``F.elu``.
 """
 
 import torch
@@ -30,26 +31,9 @@ class _ELU(torch.autograd.Function):
         return torch.ops.aten.elu_backward(grad, 1.0, 1, 1, True, y)
 
 
-class _Softplus(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        return x.abs().neg_().exp_().add_(1).log_().add_(x.clamp(min=0))
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (x,) = ctx.saved_tensors
-        return grad * torch.sigmoid(x)
-
-
 def elu(x: Tensor) -> Tensor:
     """``x`` where ``x > 0``, else ``exp(x) - 1``: ``F.elu`` with ``alpha = 1``."""
     return _ELU.apply(x) if x.device.type == "cpu" else F.elu(x)
-
-
-def softplus(x: Tensor) -> Tensor:
-    """``log(1 + exp(x)) = max(x, 0) + log(1 + exp(-|x|))``: ``F.softplus``."""
-    return _Softplus.apply(x) if x.device.type == "cpu" else F.softplus(x)
 
 
 class ELU(nn.ELU):

@@ -15,24 +15,24 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from vaelab.config import ConfigError
-from vaelab.fastmath import softplus
 
 
 def bernoulli_log_likelihood(logits: Tensor, x: Tensor, event_dims: int = 3) -> Tensor:
     """``log p(x|z)`` of a Bernoulli decoder with these logits, summed over the last
-    ``event_dims`` dims (channel, height, width): ``[..., C, H, W] -> [...]``.
+    ``event_dims`` dims (channel, height, width): ``[..., C, H, W] -> [...]``; ``x`` broadcasts
+    over the leading sample dims of ``logits``.
 
     ``log p(x|z) = sum_i x_i l_i - softplus(l_i)``, which is minus the binary cross-entropy with
-    logits for any ``x`` in [0, 1]; the ``x . l`` sum is a matrix product, so ``x`` broadcasts
-    over leading sample dims without copies. For grey-level ``x`` this is what the classic
-    write-ups optimise (not a normalised likelihood).
+    logits for any ``x`` in [0, 1]. For grey-level ``x`` this is what the classic write-ups
+    optimise (not a normalised likelihood).
     """
     logits, x = logits.flatten(start_dim=-event_dims), x.flatten(start_dim=-event_dims)
-    with torch.autocast(logits.device.type, enabled=False):  # not a bfloat16 matmul under bf16-mixed
-        return torch.einsum("...p,...p->...", logits, x) - softplus(logits).sum(dim=-1)
+    with torch.autocast(logits.device.type, enabled=False):  # float32 under bf16-mixed
+        return (x * logits - F.softplus(logits)).sum(dim=-1)
 
 
 class LogDensities(NamedTuple):

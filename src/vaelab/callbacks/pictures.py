@@ -9,14 +9,16 @@ space forming; at the end of training the manifold's snapshots become
 ``<images dir>/manifold_evolution.gif``. Drawing happens on global rank 0 only, in eval mode
 without gradients (the module's mode is restored), and uses no global random state, so training
 is the same with or without these callbacks. Each picture is encoded as PNG once, and the same
-bytes go to the file and to TensorBoard, on a writer thread, so training goes on while they are written.
+bytes go to the file and to TensorBoard.
+
+Pictures are drawn and written on the training thread, between epochs. A writer thread was tried
+and measured worse: on 2 CPU cores it made the CLI's epoch 50 % slower (9.0 s against 6.0 s with
+no pictures), while drawing every picture in line costs about 0.4 s (docs/speed.md). A second
+thread that runs torch ops and matplotlib competes with the training step's intra-op threads for
+the cores and for the GIL, and stalls them far beyond its own CPU time.
 """
 
 import io
-from collections.abc import Callable
-from concurrent import futures
-from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,7 +48,6 @@ class Pictures(Callback):
         self.last_step = -1
         self.x: Tensor | None = None
         self.y: Tensor | None = None
-        self.writes: list[Future] = []
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         splits = getattr(trainer.datamodule, "splits", {})
@@ -66,8 +67,7 @@ class Pictures(Callback):
         self.snapshot(trainer, pl_module, early=False)
 
     def snapshot(self, trainer: Trainer, pl_module: LightningModule, early: bool) -> None:
-        """Prepare the picture; the writer thread renders it, writes ``<name>/step_<step>.png`` and
-        logs it to every TensorBoard logger."""
+        """Draw the picture, write ``<name>/step_<step>.png`` and log it to every TensorBoard logger."""
         step = trainer.global_step
         if not trainer.is_global_zero or step == self.last_step:
             return
@@ -77,25 +77,12 @@ class Pictures(Callback):
         try:
             if not self.encodes_finitely(pl_module):
                 return  # diverged: nothing to draw; FiniteLossCheck stops the run with a message
-            render = self.prepare(pl_module, early)
+            picture = self.draw(pl_module, early)
         finally:
             pl_module.train(was_training)
         path = self.images_dir(trainer) / self.name / f"step_{step:07d}.png"
         writers = [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
-        self.writes.append(_WRITER.submit(write_png, render, path, writers, f"pictures/{self.name}", step))
-
-    def wait(self) -> None:
-        """Block until this callback's pictures are written (raising a writer's error)."""
-        writes, self.writes = self.writes, []
-        for write in writes:
-            write.result()
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.wait()
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        futures.wait(self.writes)  # the pictures so far, without hiding the exception behind a writer's
-        self.writes = []
+        write_png(picture, path, writers, f"pictures/{self.name}", step)
 
     @torch.no_grad()
     def encodes_finitely(self, pl_module: LightningModule) -> bool:
@@ -105,12 +92,6 @@ class Pictures(Callback):
     def draw(self, pl_module: LightningModule, early: bool) -> Tensor:
         """The picture, ``[3, H, W]`` in [0, 1]; ``early`` at the log-spaced steps."""
         raise NotImplementedError
-
-    def prepare(self, pl_module: LightningModule, early: bool) -> Callable[[], Tensor]:
-        """What the model contributes to the picture, computed now; the returned function renders
-        the picture (on the writer thread). By default everything is drawn now."""
-        image = self.draw(pl_module, early)
-        return lambda: image
 
 
 class Reconstructions(Pictures):
@@ -153,14 +134,10 @@ class LatentScatter(Pictures):
         self.n_points, self.n_points_early = n_points, n_points_early
 
     def draw(self, pl_module: LightningModule, early: bool) -> Tensor:
-        return self.prepare(pl_module, early)()
-
-    def prepare(self, pl_module: LightningModule, early: bool) -> Callable[[], Tensor]:
-        """Encode now; the matplotlib figure (most of the time) is drawn on the writer thread."""
         n = self.n_points_early if early else self.n_points
         points, axis_labels = plots.project_2d(plots.encode_means(pl_module, self.x[:n]))
         title = f"test set, step {pl_module.trainer.global_step}"
-        return partial(plots.scatter_image, points.cpu(), self.y[:n].cpu(), axis_labels, title)
+        return plots.scatter_image(points, self.y[:n], axis_labels, title)
 
 
 class LatentManifold(Pictures):
@@ -211,24 +188,17 @@ class LatentManifold(Pictures):
         return plots.manifold(pl_module, pl_module.latent_dim, self.n, self.spacing, self.quantile, self.bound, dims)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().on_train_end(trainer, pl_module)
         if self.gif and trainer.is_global_zero:
             frames = sorted((self.images_dir(trainer) / self.name).glob("step_*.png"))
             if frames:
                 write_gif(frames, self.images_dir(trainer) / "manifold_evolution.gif")
 
 
-# One thread for every picture callback: pictures are rendered and written in order, off the
-# training thread (using a core the training step leaves idle, e.g. in Python; PNG encoding and
-# file writes release the GIL), and all matplotlib drawing during training happens on it.
-_WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaelab-pictures")
-
-
-def write_png(render: Callable[[], Tensor], path: Path, writers: list[SummaryWriter], tag: str, step: int) -> None:
-    """Render the picture (``[3, H, W]`` in [0, 1]) and encode it as PNG once, as torchvision's
-    ``save_image`` would; write it to ``path`` and log the same bytes as image ``tag`` at ``step``
-    to each TensorBoard writer."""
-    pixels = render().mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()
+def write_png(picture: Tensor, path: Path, writers: list[SummaryWriter], tag: str, step: int) -> None:
+    """Encode ``picture`` (``[3, H, W]`` in [0, 1]) as PNG once, as torchvision's ``save_image``
+    would; write it to ``path`` and log the same bytes as image ``tag`` at ``step`` to each
+    TensorBoard writer."""
+    pixels = picture.cpu().mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     png = buffer.getvalue()
