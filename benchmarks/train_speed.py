@@ -248,6 +248,11 @@ def dataloader_loop(cfg: DictConfig, device: torch.device, workers: int) -> Loop
     return Loop(cfg, batches, device)
 
 
+def batch_images(batch: tuple | dict) -> int:
+    """Images in a batch: ``(x, y)``, or a semi-supervised batch ``{"labeled": (x, y), "unlabeled": (x, y)}``."""
+    return sum(len(part[0]) for part in batch.values()) if isinstance(batch, dict) else len(batch[0])
+
+
 class EpochTimer(pl.Callback):
     """Times vaelab's epochs: the training batches (epoch start to validation start), the whole
     epoch (to its end, with validation, pictures and checkpoints), and validation and test passes.
@@ -274,13 +279,13 @@ class EpochTimer(pl.Callback):
         self._start("epoch", pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        self.images["train"] += len(batch[0])
+        self.images["train"] += batch_images(batch)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self.images["val"] += len(batch[0])
+        self.images["val"] += batch_images(batch)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self.images["test"] += len(batch[0])
+        self.images["test"] += batch_images(batch)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:

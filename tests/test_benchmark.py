@@ -131,3 +131,15 @@ def test_missing_model_variant_is_skipped_with_a_note(fake_root, tmp_path, monke
         ["nope"], epochs=1, device=torch.device("cpu"))
     assert rows == {}
     assert "nope: skipped (MissingConfigException" in capsys.readouterr().out
+
+
+def test_model_rows_time_a_semi_supervised_model(fake_root, tmp_path):
+    """--models m2: M2's batches are dicts of a labeled and an unlabeled part; every image counts."""
+    m2 = ["model=m2", "data.labels_per_class=2", "model.hidden_dims=[16]", "model.classifier_hidden_dims=[16]",
+          *[o for o in OVERRIDES if not o.startswith("model.encoder")]]
+    rows = train_speed.model_rows(
+        lambda variant: train_speed.compose_config(str(fake_root), "cpu", str(tmp_path), [*variant, *m2]),
+        ["m2"], epochs=1, device=torch.device("cpu"))
+    assert list(rows) == ["m2"]  # no compiled path for M2
+    # one epoch: every unlabeled image once, and the labeled ones cycled alongside
+    assert rows["m2"]["images"] > N_TRAIN - VAL_SIZE and rows["m2"]["train_images_per_s"] > 0
