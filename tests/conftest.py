@@ -71,6 +71,16 @@ def fake_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def compose_config(name: str, *overrides: str, hydra: bool = False) -> DictConfig:
+    """Config ``name`` (``train``, ``evaluate``) from the repository's configs with ``overrides``
+    and nothing else set; ``hydra=True`` keeps the ``hydra`` node."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(name, overrides=list(overrides), return_hydra_config=hydra)
+    GlobalHydra.instance().clear()
+    return cfg
+
+
 def compose_cfg(root: Path, output_dir: Path, *overrides: str) -> DictConfig:
     """The train config as the CLI would compose it, on the data under ``root``, tiny, with its
     run directory ``output_dir``."""

@@ -3,25 +3,18 @@
 import json
 import math
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig
 
-from vaelab import config_dir
 from vaelab.config import ConfigError
 from vaelab.evaluate import evaluate, main
 from vaelab.train import train
 
-
-def evaluate_cfg(*overrides: str) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("evaluate", overrides=list(overrides))
-    GlobalHydra.instance().clear()
-    return cfg
+evaluate_cfg = partial(compose_config, "evaluate")
 
 
 @pytest.fixture

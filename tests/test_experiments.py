@@ -1,9 +1,10 @@
 """Experiment presets, the search and launcher configs: each composes into what it promises."""
 
+from functools import partial
+
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from conftest import compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -14,10 +15,7 @@ from vaelab.nets.mlp import DropConnectLinear, MLPEncoder
 PRESETS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
 
 
-def compose_train(*overrides: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=True)
+compose_train = partial(compose_config, "train", hydra=True)
 
 
 @pytest.mark.parametrize("preset", PRESETS)

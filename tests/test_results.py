@@ -3,10 +3,11 @@ one shared protocol, alone (experiment=results/<row>) or in the sweep of all row
 (-m experiment=results)."""
 
 import sys
+from functools import partial
 from unittest import mock
 
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -30,12 +31,7 @@ AS_GROUPS = {
 }
 
 
-def compose_train(*overrides: str) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides))
-    GlobalHydra.instance().clear()
-    return cfg
+compose_train = partial(compose_config, "train")
 
 
 def run_config(cfg: DictConfig) -> dict:

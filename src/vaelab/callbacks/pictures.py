@@ -12,8 +12,8 @@ is the same with or without these callbacks. Each picture is encoded as PNG once
 bytes go to the file and to TensorBoard.
 
 Pictures are drawn and written on the training thread, between epochs. A writer thread was tried
-and measured worse: on 2 CPU cores it made the CLI's epoch 50 % slower (9.0 s against 6.0 s with
-no pictures), while drawing every picture in line costs about 0.4 s (docs/speed.md). A second
+and measured worse: on 2 CPU cores the CLI's epochs took 7.8-9.8 s with it against 5.5-6.8 s with
+no pictures, while drawing every picture in line costs about 0.4 s (docs/speed.md). A second
 thread that runs torch ops and matplotlib competes with the training step's intra-op threads for
 the cores and for the GIL, and stalls them far beyond its own CPU time.
 """
