@@ -115,13 +115,21 @@ def test_compiled_modes_and_evaluation(fake_root):
             evaluation[name]["seconds"] / evaluation["naive"]["seconds"])
 
 
-def test_cli_epochs_times_the_command(fake_root):
-    cfg = train_speed.compose_config(str(fake_root), "cpu", "unused", OVERRIDES)
-    cli = train_speed.cli_epochs(cfg, str(fake_root), OVERRIDES, rounds=1, device=torch.device("cpu"))
+@pytest.mark.parametrize("callbacks", [[], ["callbacks=none"]])  # none: no timing.json to read
+def test_cli_epochs_times_the_command(fake_root, callbacks):
+    overrides = [*OVERRIDES, *callbacks]
+    cfg = train_speed.compose_config(str(fake_root), "cpu", "unused", overrides)
+    cli = train_speed.cli_epochs(cfg, str(fake_root), overrides, rounds=1, device=torch.device("cpu"))
     (walls,) = cli["cli_walls_s"]
     assert walls[3] > 0 and walls[1] > 0  # on tiny data start-up noise can exceed two epochs
     assert cli["cli_epoch_s"] == pytest.approx((walls[3] - walls[1]) / 2)
     assert cli["bare/cli_pace"] == pytest.approx(cli["bare_epoch_s"] / cli["cli_epoch_s"])
+    if callbacks:
+        assert cli["timer_epoch_s"] is None and cli["timer_epoch_times_s"] == []
+    else:
+        (timer,) = cli["timer_epoch_times_s"]
+        assert cli["bare/timer_pace"] == pytest.approx(cli["bare_epoch_s"] / timer)
+    train_speed.report_extras({"cli": cli})
 
 
 def test_missing_model_variant_is_skipped_with_a_note(fake_root, tmp_path, monkeypatch, capsys):

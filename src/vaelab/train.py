@@ -24,6 +24,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -142,6 +143,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
     datamodule.prepare_data()  # missing data fails here, before the Trainer starts
 
     callbacks = [RankSeed(cfg.seed), *instantiate_all(cfg.get("callbacks")), SaveConfigInCheckpoint(cfg)]
+    if not cfg.trainer.get("enable_progress_bar", True):  # the Trainer refuses a bar callback then
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks += [TrainingProgress(), ProcessGroupTeardown(), *extra_callbacks]
     loggers = instantiate_all(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
