@@ -12,6 +12,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -119,6 +120,14 @@ def remove_if_unused(run_dir: Path) -> None:
         shutil.rmtree(run_dir)
 
 
+def stop_if_terminated(trainer: pl.Trainer) -> None:
+    """Exit with status 143 if a SIGTERM arrived during the last stage. Lightning's handler only
+    notes the signal and stops at the stage's next batch, so one that arrives during the last batch
+    would be forgotten, and a sweep would go on to its next job."""
+    if trainer.received_sigterm:
+        raise SystemExit(128 + signal.SIGTERM)
+
+
 def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
     """Fit, then validate and test the best checkpoint; return the metrics written to ``metrics.json``.
 
@@ -151,6 +160,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
     write_run_info(output_dir, cfg)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    stop_if_terminated(trainer)
     progress = {"epochs": trainer.current_epoch, "global_step": trainer.global_step}
     # under ddp_spawn this process's counters stay at 0; the workers' come back in callback_metrics
     progress |= {k: int(trainer.callback_metrics[k]) for k in progress if k in trainer.callback_metrics}
@@ -159,6 +169,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
     metrics: dict[str, Any] = {}
     for run in (trainer.validate, trainer.test):
         metrics.update(run(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0])
+        stop_if_terminated(trainer)
     metrics.update(**progress, best_checkpoint=best)
 
     numbers = {k: v for k, v in metrics.items() if isinstance(v, float)}
