@@ -78,3 +78,10 @@ def test_submitit_local_two_jobs(fake_root, tmp_path):
                  "latent_dim=2,3")
     assert all("val/elbo" in metrics(j) for j in jobs)
     assert [yaml.safe_load((j / "config.yaml").read_text())["latent_dim"] for j in jobs] == [2, 3]
+
+
+def test_sigterm_stops_the_whole_sweep(fake_root, tmp_path):
+    with pytest.raises(SystemExit) as stopped:
+        sweep(tmp_path, fake_root, "seed=0,1", "+callbacks.terminate._target_=conftest.TerminateInLastTestBatch")
+    assert stopped.value.code == 143
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["0"]  # job 1 never started

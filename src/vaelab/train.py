@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from vaelab import config_dir
 from vaelab.callbacks.distributed import ProcessGroupTeardown, RankSeed, TrainingProgress
@@ -121,11 +122,11 @@ def remove_if_unused(run_dir: Path) -> None:
 
 
 def stop_if_terminated(trainer: pl.Trainer) -> None:
-    """Exit with status 143 if a SIGTERM arrived during the last stage. Lightning's handler only
-    notes the signal and stops at the stage's next batch, so one that arrives during the last batch
-    would be forgotten, and a sweep would go on to its next job."""
+    """Stop if a SIGTERM arrived during the last stage. Lightning's handler only notes the signal
+    and stops at the stage's next batch, so one that arrives during the last batch would be
+    forgotten, and a sweep would go on to its next job."""
     if trainer.received_sigterm:
-        raise SystemExit(128 + signal.SIGTERM)
+        raise SIGTERMException
 
 
 def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
@@ -200,6 +201,8 @@ def main(cfg: DictConfig) -> float | None:
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         metrics = train(cfg)
+    except SIGTERMException:  # a SystemExit with status 0: stop the run, and a sweep, with the usual 143
+        sys.exit(128 + signal.SIGTERM)
     except Exception as err:
         if not in_sweep and not isinstance(err, ConfigError | FloatingPointError):
             raise
