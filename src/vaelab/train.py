@@ -43,6 +43,15 @@ def instantiate_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in (group or {}).values() if node is not None]
 
 
+def instantiate_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """The ``callbacks`` group, without the progress bar when ``trainer.enable_progress_bar`` is
+    false (the Trainer refuses a bar callback then)."""
+    callbacks = instantiate_all(cfg.get("callbacks"))
+    if not OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True):
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    return callbacks
+
+
 def _command() -> str:
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else sys.argv[1:]
     return shlex.join(["python", "-m", "vaelab.train", *overrides])
@@ -152,9 +161,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
         check_compatible(model, read_checkpoint(ckpt_path), ckpt_path)
     datamodule.prepare_data()  # missing data fails here, before the Trainer starts
 
-    callbacks = [RankSeed(cfg.seed), *instantiate_all(cfg.get("callbacks")), SaveConfigInCheckpoint(cfg)]
-    if not cfg.trainer.get("enable_progress_bar", True):  # the Trainer refuses a bar callback then
-        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    callbacks = [RankSeed(cfg.seed), *instantiate_callbacks(cfg), SaveConfigInCheckpoint(cfg)]
     callbacks += [TrainingProgress(), ProcessGroupTeardown(), *extra_callbacks]
     loggers = instantiate_all(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
