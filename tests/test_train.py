@@ -165,22 +165,6 @@ def test_last_checkpoint_is_the_latest_epoch_even_when_the_best_came_early(make_
     assert (last["epoch"], last["global_step"]) == (2, metrics["global_step"])
 
 
-class RecordProgressBar(pl.Callback):
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self.bar = trainer.progress_bar_callback
-
-
-@pytest.mark.parametrize("enabled", [True, False])
-def test_progress_bar_is_the_configured_one_or_none(make_cfg, enabled):
-    recorder = RecordProgressBar()
-    train(make_cfg(f"trainer.enable_progress_bar={str(enabled).lower()}", "callbacks=progress_bar", "logger=none"),
-          extra_callbacks=[recorder])
-    if enabled:  # configs/callbacks/progress_bar.yaml, not Lightning's default RichProgressBar
-        assert isinstance(recorder.bar, pl.callbacks.TQDMProgressBar) and recorder.bar.refresh_rate == 20
-    else:
-        assert recorder.bar is None
-
-
 def test_sigterm_in_the_last_test_batch_stops_the_run(make_cfg, tmp_path):
     with pytest.raises(SIGTERMException):
         train(make_cfg("callbacks=model_checkpoint", "logger=none"), extra_callbacks=[TerminateInLastTestBatch()])

@@ -25,7 +25,6 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -41,15 +40,6 @@ log = logging.getLogger(__name__)
 def instantiate_all(group: DictConfig | None) -> list[Any]:
     """Instantiate every entry of a config group such as ``callbacks`` or ``logger`` (nulls skipped)."""
     return [instantiate(node) for node in (group or {}).values() if node is not None]
-
-
-def instantiate_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    """The ``callbacks`` group, without the progress bar when ``trainer.enable_progress_bar`` is
-    false (the Trainer refuses a bar callback then)."""
-    callbacks = instantiate_all(cfg.get("callbacks"))
-    if not OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True):
-        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    return callbacks
 
 
 def _command() -> str:
@@ -161,7 +151,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
         check_compatible(model, read_checkpoint(ckpt_path), ckpt_path)
     datamodule.prepare_data()  # missing data fails here, before the Trainer starts
 
-    callbacks = [RankSeed(cfg.seed), *instantiate_callbacks(cfg), SaveConfigInCheckpoint(cfg)]
+    callbacks = [RankSeed(cfg.seed), *instantiate_all(cfg.get("callbacks")), SaveConfigInCheckpoint(cfg)]
     callbacks += [TrainingProgress(), ProcessGroupTeardown(), *extra_callbacks]
     loggers = instantiate_all(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
