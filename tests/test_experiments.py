@@ -73,8 +73,15 @@ def test_optuna_search_space():
     cfg = compose_train("hparams_search=optuna")
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.sampler._target_.endswith("TPESampler")
-    assert set(sweeper.params) == {"lr", "latent_dim", "dropout", "l2", "model.objective.beta"}
+    assert set(sweeper.params) == {"lr", "latent_dim", "dropout", "l2"}  # keys every model has
     assert (cfg.optimized_metric, sweeper.direction, cfg.hydra.mode.name) == ("val/elbo", "maximize", "MULTIRUN")
+
+
+@pytest.mark.parametrize(("model", "metric"), [("m2", "val/error"), ("made", "val/nll")])
+def test_optuna_minimises_what_a_model_without_an_elbo_returns(model, metric):
+    cfg = compose_train("hparams_search=optuna", f"model={model}")
+    assert (cfg.optimized_metric, cfg.hydra.sweeper.direction) == (metric, "minimize")
+    assert all(OmegaConf.select(cfg, key, default="absent") != "absent" for key in cfg.hydra.sweeper.params)
 
 
 def test_slurm_launcher_asks_for_one_task_per_gpu():

@@ -55,7 +55,7 @@ def test_grid_goes_on_past_a_bad_config(fake_root, tmp_path):
 
 def test_optuna_search_three_trials(fake_root, tmp_path):
     jobs = sweep(tmp_path, fake_root, "hparams_search=optuna", "hydra.sweeper.n_trials=3",
-                 "hydra.sweeper.sampler.n_startup_trials=2")
+                 "hydra.sweeper.sampler.n_startup_trials=2", "model.objective.beta=interval(0.5,1.0)")
     assert len(jobs) == 3
     trials = [dict(o.split("=", 1) for o in yaml.safe_load((j / ".hydra/overrides.yaml").read_text())) for j in jobs]
     assert all({"lr", "latent_dim", "dropout", "l2", "model.objective.beta"} <= set(t) for t in trials)

@@ -319,11 +319,11 @@ def report(
 
 class SweepReport(Callback):
     """Hydra callback (``hydra.callbacks``): after a sweep, print its report and write it into
-    the sweep directory, sorted by ``optimized_metric`` in the sweeper's direction."""
+    the sweep directory, sorted by ``optimized_metric`` in ``optimized_direction``."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         metric = config.get("optimized_metric") or "val/elbo"
-        direction = OmegaConf.select(config, "hydra.sweeper.direction", default=None)
+        direction = config.get("optimized_direction")
         maximize = direction == "maximize" if direction else None
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
