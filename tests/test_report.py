@@ -75,6 +75,13 @@ def test_plot_has_one_panel_per_swept_parameter(tmp_path):
     assert image.std() > 0
 
 
+def test_plot_title_tells_failed_jobs_from_jobs_without_the_metric():
+    jobs = [report.Job("0", {}, {"val/elbo": -90.0}, None), report.Job("1", {}, {"val/nll": 89.0}, None),
+            report.Job("2", {}, {}, "ConfigError: bad")]
+    assert report.plot_title(jobs, "val/elbo") == "val/elbo: 1 jobs, 1 failed, 1 without it"
+    assert report.plot_title(jobs[:1], "val/elbo") == "val/elbo: 1 jobs"
+
+
 def test_swept_keys_and_sort_order():
     jobs = [report.Job("0", {"a": "1", "b": "x"}, {"m": 2.0}, None),
             report.Job("1", {"a": "2", "b": "x"}, {"m": math.nan}, None),

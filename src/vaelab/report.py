@@ -146,6 +146,15 @@ def _as_number(value: str) -> float | None:
         return None
 
 
+def plot_title(jobs: list[Job], metric: str) -> str:
+    """``metric``, the number of jobs with a value of it, and of the others: failed, or finished
+    without that metric (in a results sweep, MADE has no ``val/elbo``)."""
+    failed = sum(job.failed for job in jobs)
+    done = sum(not job.failed and math.isfinite(job.metrics.get(metric, math.nan)) for job in jobs)
+    without = len(jobs) - done - failed
+    return f"{metric}: {done} jobs" + f", {failed} failed" * bool(failed) + f", {without} without it" * bool(without)
+
+
 def plot(path: Path, jobs: list[Job], metric: str) -> bool:
     """``metric`` of the finished jobs against each swept parameter, one panel per parameter, with
     the mean over the other parameters as a line. False (nothing drawn) without swept
@@ -174,8 +183,7 @@ def plot(path: Path, jobs: list[Job], metric: str) -> bool:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(metric)
     axes[0][0].legend(fontsize=8)
-    failed = len(jobs) - len(done)
-    fig.suptitle(f"{metric}: {len(done)} jobs" + (f", {failed} failed or without it" if failed else ""))
+    fig.suptitle(plot_title(jobs, metric))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
