@@ -15,17 +15,16 @@ current mask's NLL), ``val/nll`` and ``test/nll`` (the exact NLL of the mixture 
 import math
 from collections.abc import Callable, Iterable, Sequence
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from vaelab.nets.made import MADE
 from vaelab.objectives import bernoulli_log_likelihood
-from vaelab.vae import VAE
+from vaelab.optim import Optimization
 
 
-class MADEModel(pl.LightningModule):
+class MADEModel(Optimization):
     """MADE over ``x [B, *image_shape]`` (binary pixels).
 
     Args:
@@ -113,8 +112,3 @@ class MADEModel(pl.LightningModule):
         log = dict(on_epoch=True, batch_size=float(len(x)), sync_dist=True)
         self.log(f"{stage}/nll", nll, prog_bar=True, **log)
         self.log(f"{stage}/bits_per_dim", nll / (x[0].numel() * math.log(2)), **log)
-
-    # The VAE's: weight decay on weight matrices only, and gradient clipping that works under
-    # bf16-mixed with a fused optimizer.
-    configure_optimizers = VAE.configure_optimizers
-    configure_gradient_clipping = VAE.configure_gradient_clipping

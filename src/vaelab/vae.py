@@ -16,20 +16,18 @@ and the log-densities are computed in float32, so logged nats keep float32 resol
 import math
 from collections.abc import Callable, Iterable
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.plugins.precision import MixedPrecision, Precision
-from pytorch_lightning.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from vaelab.likelihood import iw_estimates
 from vaelab.objectives import ELBO, LogDensities, bernoulli_log_likelihood, elbo_terms
+from vaelab.optim import Optimization
 from vaelab.posteriors import PosteriorBatch
 from vaelab.posteriors.gaussian import GaussianPosterior, standard_normal_log_density
 
 
-class VAE(pl.LightningModule):
+class VAE(Optimization):
     """A VAE with pluggable networks, posterior and objective.
 
     Args:
@@ -166,24 +164,3 @@ class VAE(pl.LightningModule):
         if trainer is None or trainer.fast_dev_run:
             return True
         return (trainer.global_step + 1) % trainer.log_every_n_steps == 0
-
-    def configure_gradient_clipping(
-        self,
-        optimizer: Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: GradClipAlgorithmType | None = None,
-    ) -> None:
-        plugin = self.trainer.precision_plugin
-        if isinstance(plugin, MixedPrecision) and plugin.scaler is None and gradient_clip_val:
-            # bf16-mixed scales no gradients, yet Lightning refuses to clip them for a fused optimizer
-            # under any mixed precision (a guard for 16-mixed's scaler; Lightning-AI/pytorch-lightning#21435).
-            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, gradient_clip_algorithm)
-        else:
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-
-    def configure_optimizers(self) -> Optimizer:
-        weights = [p for p in self.parameters() if p.ndim >= 2]
-        others = [p for p in self.parameters() if p.ndim < 2]
-        return self.optimizer(
-            [{"params": weights, "weight_decay": self.l2}, {"params": others, "weight_decay": 0.0}]
-        )

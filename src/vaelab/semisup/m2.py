@@ -33,7 +33,6 @@ gradient from the labels and stalls near the error of a classifier trained on th
 import math
 from collections.abc import Callable, Iterable, Sequence
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -45,6 +44,7 @@ from vaelab.diagnostics import ACTIVE_THRESHOLD, activity
 from vaelab.fastmath import ELU
 from vaelab.nets.mlp import mlp
 from vaelab.objectives import bernoulli_log_likelihood
+from vaelab.optim import Optimization
 from vaelab.posteriors.gaussian import LOG_2PI, kl_normal
 from vaelab.vae import VAE
 
@@ -83,7 +83,7 @@ def entropy(logits: Tensor) -> Tensor:
     return -(log_q.exp() * log_q).sum(-1)
 
 
-class M2(pl.LightningModule):
+class M2(Optimization):
     """M2 on flattened binary images (see the module docstring).
 
     Args:
@@ -206,11 +206,6 @@ class M2(pl.LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
-
-    def configure_optimizers(self) -> Optimizer:
-        params = [p for p in self.parameters() if p.requires_grad]
-        weights, others = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
-        return self.optimizer([{"params": weights, "weight_decay": self.l2}, {"params": others, "weight_decay": 0.0}])
 
     # ----- pictures ----------------------------------------------------------------------------
 
