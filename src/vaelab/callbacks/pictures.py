@@ -207,7 +207,8 @@ def write_png(picture: Tensor, path: Path, writers: list[SummaryWriter], tag: st
     height, width, channels = pixels.shape
     image = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=png)
     for writer in writers:
-        # add_image would encode the PNG again; its file writer takes the summary as it is
+        # add_image takes only pixel arrays and would encode the PNG again (encoded images were asked
+        # for upstream and left to the user: lanpa/tensorboardX#488); its file writer takes the summary as it is
         writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
 
