@@ -142,6 +142,31 @@ def test_budget_report_mean_and_std(tmp_path):
     assert "| M1 | 100 | 2 | 0 | 25.00 |" in text and (tmp_path / "sweep" / "semisup_report.csv").is_file()
 
 
+def write_events(log_dir: Path, scalars: dict[str, list[tuple[int, float]]]) -> None:
+    """One TensorBoard event file in ``log_dir``, as one Lightning fit, validate or test writes."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir)
+    for tag, points in scalars.items():
+        for step, value in points:
+            writer.add_scalar(tag, value, step)
+    writer.close()
+
+
+def test_validation_curve_is_the_fits_error_per_epoch(tmp_path):
+    tb = tmp_path / "job" / "tensorboard"
+    # a fit of 2 epochs (10 steps each), resumed for a third; then the best checkpoint's validation
+    write_events(tb, {"train/loss": [(4, 1.0)], "epoch": [(9, 0), (19, 1)], "val/error": [(9, 0.30), (19, 0.20)]})
+    write_events(tb, {"train/loss": [(24, 1.0)], "epoch": [(19, 1), (29, 2)], "val/error": [(19, 0.25), (29, 0.15)]})
+    write_events(tb, {"epoch": [(30, 3)], "val/error": [(30, 0.15)]})
+    epochs, errors = zip(*report.validation_curve(tmp_path / "job"), strict=True)
+    assert epochs == (1, 2, 3) and errors == pytest.approx([0.30, 0.20, 0.15])
+    fake_job(tmp_path / "other", {}, None)
+    jobs = {tmp_path / "job": ("M2", 100), tmp_path / "other": ("M1+M2", 100)}
+    assert report.plot_curves(jobs, tmp_path / "curves.png") and (tmp_path / "curves.png").stat().st_size > 0
+    assert not report.plot_curves({tmp_path / "other": ("M2", 100)}, tmp_path / "none.png")
+
+
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (config_dir() / "experiment" / "semisup").glob("*.yaml")))
 def test_every_semisup_preset_composes(compose_cfg, preset):
     cfg = compose_cfg("train", f"experiment=semisup/{preset}")

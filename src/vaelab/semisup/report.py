@@ -5,8 +5,10 @@ Reads every job of one or more sweeps (``vaelab.train -m model=m2,m1m2 ...`` and
 labels, and gives the mean and standard deviation (over label seeds and run seeds, n - 1 in the
 denominator) of the test error in percent, next to the paper's number (Kingma et al., 2014,
 Table 1; M1 is the paper's M1+TSVM). Written as ``semisup_report.md`` and ``semisup_report.csv``
-into the first sweep directory (or ``--out``). The budget sweep presets end with it
-(:class:`BudgetReport`).
+into the first sweep directory (or ``--out``), with ``semisup_curves.png``: the validation error
+of every M2 and M1+M2 job per epoch, one panel per number of labels, the paper's test error as a
+dashed line (how far training went, and whether it was still falling). The budget sweep presets
+end with it (:class:`BudgetReport`).
 """
 
 import argparse
@@ -41,6 +43,68 @@ def job_method(job_dir: Path) -> tuple[str, int] | None:
     if method is None or not isinstance(per_class, int):
         return None
     return method, 10 * per_class
+
+
+def validation_curve(job_dir: Path) -> list[tuple[int, float]]:
+    """``(epochs trained, val/error)`` of a job's training, read from its TensorBoard events: the
+    files of its fit (those with training metrics; a resumed run has several), not those of the
+    validation and test of the best checkpoint after it. An epoch written twice keeps its first value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    points: dict[int, float] = {}
+    for path in sorted(job_dir.glob("tensorboard/**/events.out.tfevents.*")):
+        events = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        events.Reload()
+        tags = events.Tags()["scalars"]
+        if "val/error" not in tags or not any(tag.startswith("train/") for tag in tags):
+            continue
+        epoch_at = {event.step: int(event.value) for event in events.Scalars("epoch")}
+        for event in events.Scalars("val/error"):
+            points.setdefault(epoch_at[event.step] + 1, event.value)
+    return sorted(points.items())
+
+
+def plot_curves(jobs: dict[Path, tuple[str, int]], path: Path) -> bool:
+    """Validation error (%) per epoch of each job (``job dir -> (method, labels)``), a panel per
+    number of labels, a colour per method, the paper's test error dashed. False if no job has a curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {job: curve for job in jobs if (curve := validation_curve(job))}
+    if not curves:
+        return False
+    budgets = sorted({jobs[job][1] for job in curves})
+    colors = {method: f"C{i}" for i, method in enumerate(PAPER)}
+    fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.4), squeeze=False)
+    for ax, labels in zip(axes[0], budgets, strict=True):
+        shown = set()
+        for job, curve in curves.items():
+            method, n = jobs[job]
+            if n != labels:
+                continue
+            epochs, errors = zip(*curve, strict=True)
+            ax.plot(epochs, [100 * e for e in errors], color=colors[method], lw=1, alpha=0.8,
+                    label=None if method in shown else method)
+            if method not in shown and labels in PAPER[method]:
+                ax.axhline(PAPER[method][labels], color=colors[method], ls="--", lw=1, label=f"{method}, paper (test)")
+            shown.add(method)
+        ax.set_title(f"{labels} labels")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("validation error %")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def semisup_jobs(sweep_dirs: list[Path]) -> dict[Path, tuple[str, int]]:
+    """Every semi-supervised job directory of the sweeps: ``job dir -> (method, labels)``."""
+    return {sweep_dir / job.name: key for sweep_dir in sweep_dirs for job in read_sweep(sweep_dir)
+            if (key := job_method(sweep_dir / job.name)) is not None}
 
 
 def summarize(sweep_dirs: list[Path]) -> list[list[Any]]:
@@ -84,8 +148,8 @@ def markdown(rows: list[list[Any]]) -> str:
 
 
 def report(sweep_dirs: list[Path], out_dir: Path | None = None) -> str:
-    """Write ``semisup_report.md`` and ``.csv`` into ``out_dir`` (default the first sweep
-    directory); return the Markdown."""
+    """Write ``semisup_report.md``, ``.csv`` and ``semisup_curves.png`` into ``out_dir`` (default
+    the first sweep directory); return the Markdown."""
     rows = summarize(sweep_dirs)
     if not rows:
         raise FileNotFoundError(f"no semi-supervised jobs (model=m2, model=m1m2 or vaelab.semisup) under "
@@ -97,6 +161,7 @@ def report(sweep_dirs: list[Path], out_dir: Path | None = None) -> str:
     (out_dir / "semisup_report.md").write_text(text)
     with (out_dir / "semisup_report.csv").open("w", newline="") as f:
         csv.writer(f).writerows([HEADER, *rows])
+    plot_curves(semisup_jobs(sweep_dirs), out_dir / "semisup_curves.png")
     return text
 
 
@@ -111,7 +176,7 @@ class BudgetReport(SweepReport):
         except FileNotFoundError as err:
             print(f"no semi-supervised report: {err}", file=sys.stderr)
             return
-        print(f"report: {sweep_dir}/semisup_report.md, semisup_report.csv")
+        print(f"report: {sweep_dir}/semisup_report.md, semisup_report.csv, semisup_curves.png")
 
 
 def main(argv: list[str] | None = None) -> None:
