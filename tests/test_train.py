@@ -79,6 +79,18 @@ def test_resume_continues_steps_and_optimizer(make_cfg, tmp_path):
     assert adam_steps == {3 * STEPS_PER_EPOCH}  # Adam's moments carried over, not restarted
 
 
+def test_resume_from_an_epoch_end_gives_the_numbers_of_an_uninterrupted_run(make_cfg, tmp_path):
+    def weights(run):
+        return torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+
+    straight = train(make_cfg("max_epochs=2", output_dir=tmp_path / "straight"))
+    train(make_cfg("max_epochs=1", output_dir=tmp_path / "resumed"))
+    resumed = train(make_cfg("max_epochs=2", "ckpt_path=last", output_dir=tmp_path / "resumed"))
+    assert resumed["val/elbo"] == straight["val/elbo"] and resumed["test/elbo"] == straight["test/elbo"]
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_mid_epoch_ends_at_the_same_step(make_cfg, tmp_path):
     every_5 = "+callbacks.last_checkpoint.every_n_train_steps=5"  # last.ckpt mid-epoch too
     train(make_cfg("max_epochs=3", "+trainer.max_steps=10", every_5, "callbacks=model_checkpoint"))

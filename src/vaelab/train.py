@@ -31,6 +31,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from vaelab import config_dir
 from vaelab.callbacks.distributed import ProcessGroupTeardown, RankSeed, TrainingProgress
+from vaelab.callbacks.random_state import ResumeRandomState
 from vaelab.checkpoint import SaveConfigInCheckpoint, check_compatible, read_checkpoint, resolve_ckpt_path
 from vaelab.config import ConfigError, instantiate, validate
 
@@ -152,7 +153,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
     datamodule.prepare_data()  # missing data fails here, before the Trainer starts
 
     callbacks = [RankSeed(cfg.seed), *instantiate_all(cfg.get("callbacks")), SaveConfigInCheckpoint(cfg)]
-    callbacks += [TrainingProgress(), ProcessGroupTeardown(), *extra_callbacks]
+    # ResumeRandomState last: its on_train_start sets the random streams after every other callback's
+    callbacks += [TrainingProgress(), ProcessGroupTeardown(), *extra_callbacks, ResumeRandomState()]
     loggers = instantiate_all(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     write_run_info(output_dir, cfg)
