@@ -82,6 +82,14 @@ def test_plot_title_tells_failed_jobs_from_jobs_without_the_metric():
     assert report.plot_title(jobs[:1], "val/elbo") == "val/elbo: 1 jobs"
 
 
+def test_row_labels_name_what_each_job_was_given():
+    jobs = [report.Job("runs/a", {"experiment": "results/iaf"}, {}, None),
+            report.Job("runs/b", {"max_epochs": "50"}, {}, None), report.Job("runs/c", {}, {}, None)]
+    swept = report.swept_keys(jobs)
+    assert [report.row_label(j, swept) for j in jobs] == ["experiment=results/iaf", "max_epochs=50", "runs/c"]
+    assert report.row_label(jobs[0], ["experiment"]) == "results/iaf"
+
+
 def test_swept_keys_and_sort_order():
     jobs = [report.Job("0", {"a": "1", "b": "x"}, {"m": 2.0}, None),
             report.Job("1", {"a": "2", "b": "x"}, {"m": math.nan}, None),

@@ -229,11 +229,12 @@ def evaluate_job(job_dir: Path, iw_samples: int, data_root: str | None = None) -
     return evaluate(OmegaConf.merge(cfg, overrides))
 
 
-def _label(job: Job, swept: list[str]) -> str:
-    """A row's name: the value of the one swept parameter (``mlp_vae``), else ``key=value`` pairs."""
-    if len(swept) == 1:
-        return job.overrides.get(swept[0], "")
-    return " ".join(f"{k}={job.overrides.get(k, '')}" for k in swept) or job.name
+def row_label(job: Job, swept: list[str]) -> str:
+    """A row's name: the value of the one swept parameter (``mlp_vae``), else the ``key=value``
+    pairs of the swept keys the job was given, else the job's directory."""
+    if len(swept) == 1 and swept[0] in job.overrides:
+        return job.overrides[swept[0]]
+    return " ".join(f"{k}={job.overrides[k]}" for k in swept if k in job.overrides) or job.name
 
 
 def evaluate_jobs(
@@ -256,7 +257,7 @@ def evaluate_jobs(
 def results_table(
     jobs: list[Job], evaluations: dict[str, dict[str, Any] | str], iw_samples: int
 ) -> tuple[list[str], list[list[Any]]]:
-    """``(header, rows)`` of the results table, lowest NLL first: per job its :func:`_label`,
+    """``(header, rows)`` of the results table, lowest NLL first: per job its :func:`row_label`,
     epochs trained, the epoch of its best checkpoint, test ELBO and NLL in nats, active units,
     seconds per epoch, and a note for a job without an evaluation (why not)."""
     swept = swept_keys(jobs)
@@ -274,7 +275,7 @@ def results_table(
         done = results[job.name] if isinstance(results[job.name], dict) else {}
         seconds = job.metrics.get("seconds_per_epoch")
         rows.append([
-            _label(job, swept),
+            row_label(job, swept),
             int(job.metrics["epochs"]) if "epochs" in job.metrics else "",
             done.get("epochs", ""),
             nats(done.get("test/elbo")),
