@@ -177,6 +177,18 @@ def test_every_semisup_preset_composes(compose_cfg, preset):
 
 
 @pytest.mark.slow
+def test_optuna_search_over_m2_minimises_its_validation_error(fake_root, tmp_path):
+    tiny = [o for o in TINY if not o.startswith("model.encoder")]
+    result = run_cli("hparams_search=optuna", "model=m2", f"data.root={fake_root}", *tiny, *SMALL, "threads=1",
+                     "logger=none", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=3",
+                     f"hydra.sweep.dir={tmp_path}/search", cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    errors = [json.loads((tmp_path / "search" / str(j) / "metrics.json").read_text())["val/error"] for j in range(3)]
+    best = yaml.safe_load((tmp_path / "search" / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(min(errors))
+
+
+@pytest.mark.slow
 def test_budget_sweep_ends_with_its_report(fake_root, tmp_path):
     tiny = [o for o in TINY if not o.startswith("model.encoder")]
     result = run_cli("-m", "experiment=semisup/budgets", f"data.root={fake_root}", *tiny, *SMALL[:2],
