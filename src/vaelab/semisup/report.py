@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vaelab.report import SweepReport, read_sweep
+from vaelab.report import Job, SweepReport, read_sweep
 
 # test error (%) of Kingma et al. (2014), Table 1, by number of labels
 PAPER = {
@@ -101,28 +101,29 @@ def plot_curves(jobs: dict[Path, tuple[str, int]], path: Path) -> bool:
     return True
 
 
-def semisup_jobs(sweep_dirs: list[Path]) -> dict[Path, tuple[str, int]]:
-    """Every semi-supervised job directory of the sweeps: ``job dir -> (method, labels)``."""
-    return {sweep_dir / job.name: key for sweep_dir in sweep_dirs for job in read_sweep(sweep_dir)
+def semisup_jobs(sweep_dirs: list[Path]) -> dict[Path, tuple[Job, tuple[str, int]]]:
+    """Every semi-supervised job of the sweeps, read once: ``job dir -> (job, (method, labels))``."""
+    return {sweep_dir / job.name: (job, key) for sweep_dir in sweep_dirs for job in read_sweep(sweep_dir)
             if (key := job_method(sweep_dir / job.name)) is not None}
 
 
 def summarize(sweep_dirs: list[Path]) -> list[list[Any]]:
     """One row per ``(method, labels)`` (see ``HEADER``), methods in the paper's order."""
+    return rows_of(semisup_jobs(sweep_dirs))
+
+
+def rows_of(jobs: dict[Path, tuple[Job, tuple[str, int]]]) -> list[list[Any]]:
+    """:func:`summarize`'s rows from jobs already read (:func:`semisup_jobs`)."""
     errors: dict[tuple[str, int], list[float]] = defaultdict(list)
     epochs: dict[tuple[str, int], list[float]] = defaultdict(list)
     failed: dict[tuple[str, int], int] = defaultdict(int)
-    for sweep_dir in sweep_dirs:
-        for job in read_sweep(sweep_dir):
-            key = job_method(sweep_dir / job.name)
-            if key is None:
-                continue
-            if job.failed or "test/error" not in job.metrics:
-                failed[key] += 1
-                continue
-            errors[key].append(100 * job.metrics["test/error"])
-            if "epochs" in job.metrics:
-                epochs[key].append(job.metrics["epochs"])
+    for job, key in jobs.values():
+        if job.failed or "test/error" not in job.metrics:
+            failed[key] += 1
+            continue
+        errors[key].append(100 * job.metrics["test/error"])
+        if "epochs" in job.metrics:
+            epochs[key].append(job.metrics["epochs"])
     order = list(PAPER)
     rows = []
     for method, labels in sorted(errors.keys() | failed.keys(), key=lambda k: (order.index(k[0]), k[1])):
@@ -150,7 +151,8 @@ def markdown(rows: list[list[Any]]) -> str:
 def report(sweep_dirs: list[Path], out_dir: Path | None = None) -> str:
     """Write ``semisup_report.md``, ``.csv`` and ``semisup_curves.png`` into ``out_dir`` (default
     the first sweep directory); return the Markdown."""
-    rows = summarize(sweep_dirs)
+    jobs = semisup_jobs(sweep_dirs)
+    rows = rows_of(jobs)
     if not rows:
         raise FileNotFoundError(f"no semi-supervised jobs (model=m2, model=m1m2 or vaelab.semisup) under "
                                 f"{', '.join(map(str, sweep_dirs))}")
@@ -161,7 +163,7 @@ def report(sweep_dirs: list[Path], out_dir: Path | None = None) -> str:
     (out_dir / "semisup_report.md").write_text(text)
     with (out_dir / "semisup_report.csv").open("w", newline="") as f:
         csv.writer(f).writerows([HEADER, *rows])
-    plot_curves(semisup_jobs(sweep_dirs), out_dir / "semisup_curves.png")
+    plot_curves({job_dir: key for job_dir, (_, key) in jobs.items()}, out_dir / "semisup_curves.png")
     return text
 
 
