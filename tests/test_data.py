@@ -8,7 +8,7 @@ import torch
 from conftest import N_TEST, N_TRAIN, VAL_SIZE, fake_images
 
 from vaelab.config import ConfigError
-from vaelab.data import MNISTDataModule, bernoulli, rank_seed
+from vaelab.data import DATASETS, MNISTDataModule, bernoulli, rank_seed
 
 
 def make(root, **kwargs):
@@ -140,6 +140,23 @@ def test_loader_covers_every_image_once_per_epoch(fake_root):
 def test_fashion_mnist_through_the_same_code(fake_root):
     dm = make(fake_root, dataset="fashion_mnist", binarize="none")
     assert len(dm.splits["test"][0]) == N_TEST
+
+
+def test_the_files_are_read_once_however_often_lightning_prepares(fake_root, monkeypatch):
+    """``vaelab.train`` prepares the data once and Lightning again for fit, validate and test."""
+    reads = []
+    original = DATASETS["mnist"]
+    def counting(*args, **kwargs):
+        reads.append(kwargs["train"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setitem(DATASETS, "mnist", counting)
+    dm = MNISTDataModule(root=str(fake_root), val_size=VAL_SIZE)
+    for _ in range(4):
+        dm.prepare_data()
+    dm.setup()
+    assert sorted(reads) == [False, True]
+    assert len(dm.splits["train"][0]) == N_TRAIN - VAL_SIZE
 
 
 def test_missing_data_without_network_says_where_to_put_the_files(tmp_path, monkeypatch):

@@ -136,6 +136,7 @@ class MNISTDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.val_size = batch_size, eval_batch_size, val_size
         self.binarize, self.split_seed, self.eval_seed, self.seed = binarize, split_seed, eval_seed, seed
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+        self.files: dict[bool, tuple[Tensor, Tensor]] = {}  # train? -> (images uint8, labels), read once
         self.generator: torch.Generator | None = None
         self.generator_epoch = -1
 
@@ -146,6 +147,14 @@ class MNISTDataModule(pl.LightningDataModule):
 
     def _load(self, train: bool) -> tuple[Tensor, Tensor]:
         """``(images [N, 1, 28, 28] float in [0, 1], labels [N] int64)`` of one torchvision split."""
+        images, labels = self._read(train)
+        return images.unsqueeze(1).float().div_(255), labels.long()
+
+    def _read(self, train: bool) -> tuple[Tensor, Tensor]:
+        """One split's files as torchvision reads them (``uint8 [N, 28, 28]``, labels), downloaded
+        if absent, read once: Lightning calls ``prepare_data`` again for every stage it runs."""
+        if train in self.files:
+            return self.files[train]
         cls = DATASETS[self.dataset]
         try:
             ds = cls(str(self.root), train=train, download=self.download)
@@ -157,11 +166,12 @@ class MNISTDataModule(pl.LightningDataModule):
                 f"{cls.__name__} is not under {raw}{why}. Put the four IDX files ({files}) in "
                 f"{raw}/, or set data.root (or $VAELAB_DATA) to the folder that holds {cls.__name__}/raw/."
             ) from err
-        return ds.data.unsqueeze(1).float().div_(255), ds.targets.long()
+        self.files[train] = ds.data, ds.targets
+        return self.files[train]
 
     def prepare_data(self) -> None:
         for train in (True, False):
-            self._load(train)
+            self._read(train)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
