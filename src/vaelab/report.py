@@ -146,11 +146,16 @@ def _as_number(value: str) -> float | None:
         return None
 
 
+def has_value(job: Job, metric: str) -> bool:
+    """Whether ``job`` finished with a finite value of ``metric``."""
+    return not job.failed and math.isfinite(job.metrics.get(metric, math.nan))
+
+
 def plot_title(jobs: list[Job], metric: str) -> str:
     """``metric``, the number of jobs with a value of it, and of the others: failed, or finished
     without that metric (in a results sweep, MADE has no ``val/elbo``)."""
     failed = sum(job.failed for job in jobs)
-    done = sum(not job.failed and math.isfinite(job.metrics.get(metric, math.nan)) for job in jobs)
+    done = sum(has_value(job, metric) for job in jobs)
     without = len(jobs) - done - failed
     return f"{metric}: {done} jobs" + f", {failed} failed" * bool(failed) + f", {without} without it" * bool(without)
 
@@ -165,7 +170,7 @@ def plot(path: Path, jobs: list[Job], metric: str) -> bool:
     import matplotlib.pyplot as plt
 
     swept = swept_keys(jobs)
-    done = [job for job in jobs if not job.failed and math.isfinite(job.metrics.get(metric, math.nan))]
+    done = [job for job in jobs if has_value(job, metric)]
     if not swept or not done:
         return False
     fig, axes = plt.subplots(1, len(swept), figsize=(3.2 * len(swept) + 0.8, 3.2), squeeze=False)
