@@ -85,3 +85,25 @@ def test_sigterm_stops_the_whole_sweep(fake_root, tmp_path):
         sweep(tmp_path, fake_root, "seed=0,1", "+callbacks.terminate._target_=conftest.TerminateInLastTestBatch")
     assert stopped.value.code == 143
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["0"]  # job 1 never started
+
+
+def test_a_sweep_run_again_with_ckpt_path_last_resumes_its_jobs_and_starts_the_rest(fake_root, tmp_path):
+    """An interrupted sweep: job 0 trained 1 epoch, job 1 never started. The same command plus
+    ``ckpt_path=last`` continues job 0 from its checkpoint and starts job 1."""
+    grid = ["callbacks=model_checkpoint", "lr=0.001,0.002"]
+    jobs = sweep(tmp_path, fake_root, *grid, "max_epochs=1")
+    first_run = (jobs[0] / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    (jobs[0] / "metrics.json").unlink()  # as if killed before the end
+    for path in sorted(jobs[1].rglob("*"), reverse=True):  # as if never reached
+        path.unlink() if path.is_file() else path.rmdir()
+    jobs = sweep(tmp_path, fake_root, *grid, "max_epochs=2", "ckpt_path=last")
+    assert [metrics(j)["epochs"] for j in jobs] == [2, 2]
+    assert (jobs[0] / "checkpoints" / "last.ckpt").stat().st_mtime_ns != first_run
+    assert not any((j / "error.txt").exists() for j in jobs)
+    assert [row["status"] for row in report_rows(tmp_path).values()] == ["ok", "ok"]
+
+    # the same sweep with its jobs in another order would hand each the other's checkpoint
+    jobs = sweep(tmp_path, fake_root, "callbacks=model_checkpoint", "lr=0.002,0.001", "max_epochs=3", "ckpt_path=last")
+    error = (jobs[0] / "error.txt").read_text().splitlines()[0]
+    assert "was trained with model.optimizer.lr=0.001, this job has model.optimizer.lr=0.002" in error
+    assert [metrics(j)["epochs"] for j in jobs] == [2, 2]  # refused before anything was overwritten

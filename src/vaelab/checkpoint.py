@@ -22,12 +22,19 @@ class SaveConfigInCheckpoint(Callback):
         checkpoint[CONFIG_KEY] = self.config
 
 
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | None:
-    """``last`` means ``<output_dir>/checkpoints/last.ckpt``; any other value is a file path."""
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path, start_if_missing: bool = False) -> str | None:
+    """``last`` means ``<output_dir>/checkpoints/last.ckpt``; any other value is a file path.
+
+    ``start_if_missing`` (a sweep's job): without a ``last.ckpt`` the job starts from the beginning
+    (None), so a sweep run again with ``ckpt_path=last`` resumes the jobs it interrupted and starts
+    the ones it never reached. A single run refuses instead: there a missing ``last.ckpt`` means a
+    mistyped or forgotten ``hydra.run.dir``."""
     if ckpt_path is None:
         return None
     path = Path(output_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
     if not path.is_file():
+        if ckpt_path == "last" and start_if_missing:
+            return None
         hint = " (ckpt_path=last needs hydra.run.dir=<the run's directory>)" if ckpt_path == "last" else ""
         raise ConfigError(f"ckpt_path: no checkpoint file at {path}{hint}")
     return str(path)
@@ -62,6 +69,35 @@ def check_compatible(model: torch.nn.Module, checkpoint: dict[str, Any], path: s
                 "config); use the model settings it was trained with (its config is saved in its run "
                 "directory under .hydra/) or another checkpoint"
             )
+
+
+COMPARED = ("model", "data", "seed")
+NOT_COMPARED = {"data.root", "data.download", "model.compile"}  # where the data are and how it runs
+
+
+def check_same_settings(checkpoint: dict[str, Any], cfg: DictConfig, path: str | Path) -> None:
+    """Raise :class:`ConfigError` unless the checkpoint was trained with ``cfg``'s model, data and
+    seed: a sweep resumed with other arguments would hand a job another job's checkpoint.
+    (``max_epochs`` and the Trainer's settings may change on resume.)"""
+    ours = OmegaConf.to_container(cfg, resolve=True)
+    saved = checkpoint.get(CONFIG_KEY, {})
+    theirs, ours = (flatten({key: tree.get(key) for key in COMPARED}) for tree in (saved, ours))
+    for name in sorted((theirs.keys() | ours.keys()) - NOT_COMPARED):
+        if theirs.get(name) != ours.get(name):
+            raise ConfigError(
+                f"ckpt_path: {path} was trained with {name}={theirs.get(name)}, this job has "
+                f"{name}={ours.get(name)}; resume a sweep with the command that started it, plus "
+                "hydra.sweep.dir=<its directory> ckpt_path=last"
+            )
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"latent_dim": 50}} -> {"model.latent_dim": 50}`` (lists are values)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        flat |= flatten(value, f"{name}.") if isinstance(value, dict) else {name: value}
+    return flat
 
 
 def model_from_checkpoint(

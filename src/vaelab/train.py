@@ -32,7 +32,13 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from vaelab import config_dir
 from vaelab.callbacks.distributed import ProcessGroupTeardown, RankSeed, TrainingProgress
 from vaelab.callbacks.random_state import ResumeRandomState
-from vaelab.checkpoint import SaveConfigInCheckpoint, check_compatible, read_checkpoint, resolve_ckpt_path
+from vaelab.checkpoint import (
+    SaveConfigInCheckpoint,
+    check_compatible,
+    check_same_settings,
+    read_checkpoint,
+    resolve_ckpt_path,
+)
 from vaelab.config import ConfigError, instantiate, validate
 
 log = logging.getLogger(__name__)
@@ -55,10 +61,13 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 @rank_zero_only
 def write_run_info(output_dir: Path, cfg: DictConfig) -> None:
-    """The resolved config and the command that reproduces this run."""
+    """The resolved config and the command that reproduces this run (and no outcome of an earlier
+    attempt: a resumed run writes its own)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
     (output_dir / "command.txt").write_text(_command() + "\n")
+    for outcome in ("metrics.json", "error.txt"):  # of an earlier attempt of a resumed run
+        (output_dir / outcome).unlink(missing_ok=True)
 
 
 @rank_zero_only
@@ -67,6 +76,11 @@ def write_error(output_dir: Path, err: BaseException) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     trace = "".join(traceback.format_exception(type(err), err, err.__traceback__))
     (output_dir / "error.txt").write_text(f"{type(err).__name__}: {err}\n\n{trace}")
+
+
+def in_sweep() -> bool:
+    """Whether this process runs a job of a sweep (``-m``)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def torch_threads(cfg: DictConfig) -> int | None:
@@ -136,7 +150,10 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
     """
     validate(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    sweep_job = in_sweep()
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, start_if_missing=sweep_job)
+    if cfg.get("ckpt_path") == "last" and ckpt_path is None:
+        log.info("ckpt_path=last: no checkpoint in %s yet, so this job starts from the beginning", output_dir)
     threads = torch_threads(cfg)
     if threads:
         torch.set_num_threads(threads)
@@ -149,7 +166,10 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
         cfg.model.iw_samples_test = 0  # also in the saved config and checkpoints
     model = instantiate(cfg.model)
     if ckpt_path:
-        check_compatible(model, read_checkpoint(ckpt_path), ckpt_path)
+        checkpoint = read_checkpoint(ckpt_path)
+        check_compatible(model, checkpoint, ckpt_path)
+        if sweep_job:
+            check_same_settings(checkpoint, cfg, ckpt_path)
     datamodule.prepare_data()  # missing data fails here, before the Trainer starts
 
     callbacks = [RankSeed(cfg.seed), *instantiate_all(cfg.get("callbacks")), SaveConfigInCheckpoint(cfg)]
@@ -197,15 +217,15 @@ def main(cfg: DictConfig) -> float | None:
     returns None, so the sweep goes on (Optuna records a failed trial) and ``vaelab.report``
     shows the job as failed.
     """
-    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    sweep_job = in_sweep()
     try:
         metrics = train(cfg)
     except SIGTERMException:  # a SystemExit with status 0: stop the run, and a sweep, with the usual 143
         sys.exit(128 + signal.SIGTERM)
     except Exception as err:
-        if not in_sweep and not isinstance(err, ConfigError | FloatingPointError):
+        if not sweep_job and not isinstance(err, ConfigError | FloatingPointError):
             raise
-        if not in_sweep:
+        if not sweep_job:
             if isinstance(err, ConfigError):
                 remove_if_unused(Path(cfg.paths.output_dir))
             print(f"error: {err}", file=sys.stderr)
