@@ -102,6 +102,10 @@ def test_a_sweep_run_again_with_ckpt_path_last_resumes_its_jobs_and_starts_the_r
     assert not any((j / "error.txt").exists() for j in jobs)
     assert [row["status"] for row in report_rows(tmp_path).values()] == ["ok", "ok"]
 
+    jobs = sweep(tmp_path, fake_root, *grid, "max_epochs=2", "ckpt_path=last")  # finished: tested again
+    assert [metrics(j)["epochs"] for j in jobs] == [2, 2]
+    assert [row["status"] for row in report_rows(tmp_path).values()] == ["ok", "ok"]
+
     # the same sweep with its jobs in another order would hand each the other's checkpoint
     jobs = sweep(tmp_path, fake_root, "callbacks=model_checkpoint", "lr=0.002,0.001", "max_epochs=3", "ckpt_path=last")
     error = (jobs[0] / "error.txt").read_text().splitlines()[0]

@@ -168,7 +168,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
     if ckpt_path:
         checkpoint = read_checkpoint(ckpt_path)
         check_compatible(model, checkpoint, ckpt_path)
-        if sweep_job:
+        if sweep_job and cfg.ckpt_path == "last":  # its own checkpoint, not one given to every job
             check_same_settings(checkpoint, cfg, ckpt_path)
     datamodule.prepare_data()  # missing data fails here, before the Trainer starts
 
