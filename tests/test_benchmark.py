@@ -151,3 +151,17 @@ def test_model_rows_time_a_semi_supervised_model(fake_root, tmp_path):
     assert list(rows) == ["m2"]  # no compiled path for M2
     # one epoch: every unlabeled image once, and the labeled ones cycled alongside
     assert rows["m2"]["images"] > N_TRAIN - VAL_SIZE and rows["m2"]["train_images_per_s"] > 0
+
+
+def test_cpu_kernels_times_every_op_under_the_capability_torch_picked(capsys):
+    spec = importlib.util.spec_from_file_location("cpu_kernels", REPO / "benchmarks" / "cpu_kernels.py")
+    cpu_kernels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cpu_kernels)
+    threads = torch.get_num_threads()
+    try:
+        record = cpu_kernels.main(["--rounds", "1", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert record["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert len(record["median_us"]) == 9 and all(us > 0 for us in record["median_us"].values())
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == record

@@ -1,7 +1,8 @@
 """The networks' ELU built from ``exp``, for speed on CPU.
 
-On CPU, torch computes ``expm1`` (behind ``F.elu``) without vectorisation: 4-8x slower than
-``exp`` (``[128, 500]`` on 2 cores: ``F.elu`` 290 us, this ``elu`` 62 us). It stays because the
+On this project's CPU, torch's AVX-512 ``expm1`` (behind ``F.elu``) runs 4-8x slower than ``exp``
+(``[128, 500]`` on 2 cores: ``F.elu`` 290 us, this ``elu`` 62 us); its AVX2 kernel
+(``ATEN_CPU_CAPABILITY=avx2``) is 4x faster (``benchmarks/cpu_kernels.py``, docs/speed.md). It stays because the
 measurement says so (``benchmarks/step_ab.py``, docs/speed.md): with it the eager training step is
 as fast or faster, and the compiled step is faster too (inductor generates ``expm1`` as well), so
 compiling does not make it redundant. It is confined to the networks; the likelihood
