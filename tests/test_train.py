@@ -10,11 +10,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import TerminateInLastTestBatch
+from omegaconf import OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from vaelab.checkpoint import load_model
+from vaelab.checkpoint import CONFIG_KEY, check_same_settings, load_model
 from vaelab.config import ConfigError
 from vaelab.train import train
 
@@ -98,6 +99,19 @@ def test_resume_mid_epoch_ends_at_the_same_step(make_cfg, tmp_path):
     assert state["global_step"] == 10  # 3 batches into the second epoch
     metrics = train(make_cfg("max_epochs=3", "ckpt_path=last", "callbacks=model_checkpoint"))
     assert metrics["global_step"] == 3 * STEPS_PER_EPOCH and metrics["epochs"] == 3
+
+
+def test_a_sweep_job_resumes_only_a_checkpoint_of_its_own_settings(make_cfg, tmp_path):
+    """What a sweep's job compares before it resumes: model, data and seed, not where the data
+    are or whether the step is compiled (a sweep moved to another machine still resumes)."""
+    cfg = make_cfg("lr=0.001")
+    checkpoint = {CONFIG_KEY: OmegaConf.to_container(cfg, resolve=True)}
+    check_same_settings(checkpoint, make_cfg("lr=0.001", "data.root=/elsewhere", "compile=true", "max_epochs=9"), "x")
+    for override, difference in [("lr=0.002", "model.optimizer.lr=0.001, this job has model.optimizer.lr=0.002"),
+                                 ("seed=1", "data.seed=0, this job has data.seed=1"),  # the run seed reaches the data
+                                 ("data.binarize=static", "data.binarize=dynamic, this job has data.binarize=static")]:
+        with pytest.raises(ConfigError, match=difference.replace(".", r"\.")):
+            check_same_settings(checkpoint, make_cfg("lr=0.001", override), "x")
 
 
 def test_checkpoint_of_another_architecture_is_refused(make_cfg, tmp_path):
