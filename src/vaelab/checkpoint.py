@@ -79,9 +79,8 @@ def check_same_settings(checkpoint: dict[str, Any], cfg: DictConfig, path: str |
     """Raise :class:`ConfigError` unless the checkpoint was trained with ``cfg``'s model, data and
     seed: a sweep resumed with other arguments would hand a job another job's checkpoint.
     (``max_epochs`` and the Trainer's settings may change on resume.)"""
-    ours = OmegaConf.to_container(cfg, resolve=True)
-    saved = checkpoint.get(CONFIG_KEY, {})
-    theirs, ours = (flatten({key: tree.get(key) for key in COMPARED}) for tree in (saved, ours))
+    saved, current = checkpoint.get(CONFIG_KEY, {}), OmegaConf.to_container(cfg, resolve=True)
+    theirs, ours = (flatten({key: tree.get(key) for key in COMPARED}) for tree in (saved, current))
     for name in sorted((theirs.keys() | ours.keys()) - NOT_COMPARED):
         if theirs.get(name) != ours.get(name):
             raise ConfigError(

@@ -150,9 +150,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
     """
     validate(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    sweep_job = in_sweep()
+    sweep_job, own_last = in_sweep(), cfg.get("ckpt_path") == "last"
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, start_if_missing=sweep_job)
-    if cfg.get("ckpt_path") == "last" and ckpt_path is None:
+    if own_last and ckpt_path is None:
         log.info("ckpt_path=last: no checkpoint in %s yet, so this job starts from the beginning", output_dir)
     threads = torch_threads(cfg)
     if threads:
@@ -168,7 +168,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
     if ckpt_path:
         checkpoint = read_checkpoint(ckpt_path)
         check_compatible(model, checkpoint, ckpt_path)
-        if sweep_job and cfg.ckpt_path == "last":  # its own checkpoint, not one given to every job
+        if sweep_job and own_last:  # its own checkpoint, not one given to every job
             check_same_settings(checkpoint, cfg, ckpt_path)
     datamodule.prepare_data()  # missing data fails here, before the Trainer starts
 
