@@ -2,6 +2,7 @@
 
 import math
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -57,6 +58,38 @@ def test_unlabeled_bound_equals_a_loop_over_images_and_labels():
     labeled = model.bound(f, y, eps[y, torch.arange(5)])
     torch.testing.assert_close(labeled, torch.stack([brute_force_bound(model, f[b], int(y[b]), eps[y[b], b])
                                                      for b in range(5)]))
+
+
+def test_labeled_weight_of_the_data_set_estimates_the_papers_objective(monkeypatch):
+    """With ``labeled_weight = N_l / N_u`` a step over the whole data set is the paper's objective
+    ``sum_lab [-L(x, y) + beta CE] + sum_unlab [-U(x)]``, divided by ``N_u``; summed here image by
+    image and label by label (noise 0 everywhere, so both sides see the same z)."""
+    model = tiny_m2()
+    torch.manual_seed(2)
+    x_lab, x_unlab = torch.bernoulli(torch.rand(3, 12)), torch.bernoulli(torch.rand(7, 12))
+    y_lab = torch.tensor([4, 0, 4])
+    beta = 5.0
+    model.class_weight.fill_(beta)
+    model.labeled_scale = 3 / 7  # N_l / N_u, as on_fit_start sets it for labeled_weight=None
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
+    loss, _ = model.loss(x_lab, y_lab, x_unlab)
+    zero = torch.zeros(3)
+    objective = 0.0
+    for f, y in zip(x_lab, y_lab.tolist(), strict=True):
+        objective += -brute_force_bound(model, f, y, zero) - beta * model.classifier(f).log_softmax(-1)[y]
+    for f in x_unlab:
+        q = model.classifier(f).softmax(-1)
+        objective -= sum(q[y] * (brute_force_bound(model, f, y, zero) - q[y].log()) for y in range(K))
+    torch.testing.assert_close(loss * 7, objective)
+
+
+@pytest.mark.parametrize("labeled_weight, expected", [(None, 20 / 480), (1.0, 1.0), (0.3, 0.3)])
+def test_labeled_weight_is_resolved_when_fitting_starts(labeled_weight, expected):
+    model = tiny_m2(labeled_weight=labeled_weight)
+    model._trainer = SimpleNamespace(datamodule=SimpleNamespace(n_train=500, n_labeled=20))
+    model.on_fit_start()
+    assert model.labeled_scale == pytest.approx(expected)
+    assert model.class_weight.item() == pytest.approx(0.1 * 500 / 20)  # alpha / N_l, alpha = 0.1 N
 
 
 def test_unlabeled_bound_trains_the_classifier():

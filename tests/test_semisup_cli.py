@@ -97,6 +97,7 @@ def test_logistic_regression_is_the_convex_optimum():
     (["model=m2", "data.labels_per_class=0"], "error: data.labels_per_class must be a positive integer"),
     (["model=m2", "data.labels_per_class=500"], "error: data.labels_per_class=500 asks for more labeled images"),
     (["model=m1m2"], "error: model.m1_ckpt is required"),
+    (["model=m2", "model.labeled_weight=0"], "error: model.labeled_weight must be > 0 or null"),
 ])
 def test_bad_values_fail_with_one_line(fake_root, tmp_path, args, message):
     result = run_cli(f"data.root={fake_root}", "data.val_size=40", f"hydra.run.dir={tmp_path}/run", *args, cwd=REPO)

@@ -18,16 +18,16 @@ classifier through both the weighted bound and the entropy.
 Training loss per step, for ``B_l`` labeled and ``B_u`` unlabeled images (each part averaged
 over its images)::
 
-    loss = mean_lab(-L(x, y)) + mean_unlab(-U(x)) + alpha / N_l * mean_lab(-log q(y|x))
+    loss = w * mean_lab(-L(x, y) + alpha / N_l * -log q(y|x)) + mean_unlab(-U(x))
 
 ``alpha`` is the paper's weight of ``alpha * E_lab[-log q(y|x)]`` in the objective summed over
 the data set; its default is the paper's code's convention ``alpha = 0.1 * N`` with ``N`` the
 number of training images, labeled and unlabeled (50,000), so each labeled image's
 classification term weighs ``alpha / N_l = 0.1 N / N_l`` times its own bound: 50 at 100 labels,
-5 at 1000. The labeled images make a fixed share of every batch (they are cycled), far more
-than their share of the data: without that, at 100 labels the classifier receives almost no
-gradient from the labels and stalls near the error of a classifier trained on them alone
-(docs/semisup.md).
+5 at 1000. The labeled images make a fixed share of every batch (they are cycled), and ``w``
+(``labeled_weight``) weighs that part: ``N_l / N_u``, the data set's ratio, makes the step an
+unbiased estimate of the paper's objective over the data set (divided by ``N_u``), as its code
+does; ``1`` weighs the labeled part ``N_u / N_l`` times more (docs/semisup.md).
 """
 
 import math
@@ -95,6 +95,9 @@ class M2(Optimization):
         n_features: size of the flattened input (784 for MNIST).
         alpha: weight of the classification term in the objective summed over the data set;
             None: ``0.1 * N`` (``N`` training images). Per labeled image: ``alpha / N_l``.
+        labeled_weight: weight of a step's labeled part against its unlabeled part (each
+            averaged over its images); None: ``N_l / N_u``, the data set's ratio, which makes the
+            step an unbiased estimate of the paper's objective.
         l2: L2 weight decay on weight matrices only (the optimizer's ``weight_decay``).
     """
 
@@ -109,14 +112,19 @@ class M2(Optimization):
         n_classes: int = 10,
         n_features: int = 784,
         alpha: float | None = None,
+        labeled_weight: float | None = 1.0,
         l2: float = 0.0,
     ) -> None:
         super().__init__()
         if alpha is not None and not alpha >= 0:
             raise ConfigError(f"model.alpha must be >= 0 or null (0.1 x training images), got {alpha}")
+        if labeled_weight is not None and not labeled_weight > 0:
+            raise ConfigError(
+                f"model.labeled_weight must be > 0 or null (labeled / unlabeled images), got {labeled_weight}")
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer, self.latent_dim, self.n_classes = optimizer, latent_dim, n_classes
-        self.alpha, self.l2 = alpha, l2
+        self.alpha, self.labeled_weight, self.l2 = alpha, labeled_weight, l2
+        self.labeled_scale = 1.0 if labeled_weight is None else labeled_weight  # resolved when fitting starts
         out = n_features if self.likelihood == "bernoulli" else 2 * n_features
         self.classifier = mlp([n_features, *classifier_hidden_dims, n_classes])
         self.encoder = LabelConditioned(n_features, n_classes, [*hidden_dims, 2 * latent_dim])
@@ -164,14 +172,17 @@ class M2(Optimization):
         if not hasattr(datamodule, "n_labeled"):
             raise ConfigError("model=m2 needs the semi-supervised data (data=mnist_semisup) with data.labels_per_class")
         alpha = 0.1 * datamodule.n_train if self.alpha is None else self.alpha
-        self.class_weight.fill_(alpha / datamodule.n_labeled)
+        n_labeled = datamodule.n_labeled
+        self.class_weight.fill_(alpha / n_labeled)
+        data_ratio = n_labeled / (datamodule.n_train - n_labeled)
+        self.labeled_scale = data_ratio if self.labeled_weight is None else self.labeled_weight
 
     def loss(self, x_lab: Tensor, y_lab: Tensor, x_unlab: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The training loss of one batch (module docstring) and its terms, each a batch mean."""
         f_lab, f_unlab = self.features(x_lab), self.features(x_unlab)
         labeled = self.bound(f_lab, y_lab).mean()
         cross_entropy = F.cross_entropy(self.classifier(f_lab), y_lab)
-        loss = -labeled + self.class_weight * cross_entropy
+        loss = self.labeled_scale * (-labeled + self.class_weight * cross_entropy)
         terms = {"labeled_bound": labeled, "cross_entropy": cross_entropy}
         if len(f_unlab):
             terms["unlabeled_bound"] = unlabeled = self.unlabeled_bound(f_unlab).mean()
