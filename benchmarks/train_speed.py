@@ -27,7 +27,8 @@ is the process's resident memory (GPU: allocated memory) above its level before 
 up, over its set-up and warm-up epoch.
 
 - ``bare-compiled``: the bare loop with its forward pass (and so its backward) compiled by
-  ``torch.compile`` (default inductor settings): the best a hand-written loop does here.
+  ``torch.compile`` with vaelab's options for the device (:func:`vaelab.vae.inductor_options`):
+  the best a hand-written loop does here.
 - ``vaelab-compiled``: vaelab with ``compile=true``.
 
 Compiled modes report their compile time apart (``compile s``: the warm-up epoch's excess over a
@@ -81,6 +82,7 @@ from vaelab.config import PRECISIONS
 from vaelab.likelihood import default_chunk_size, iw_estimates
 from vaelab.objectives import bernoulli_log_likelihood
 from vaelab.train import train
+from vaelab.vae import inductor_options
 
 MODES = ("bare", "bare-compiled", "dataloader", "vaelab", "vaelab-compiled")
 VAELAB_MODES = {"vaelab": False, "vaelab-compiled": True}  # mode -> compile
@@ -168,8 +170,9 @@ class Loop:
     ) -> None:
         torch.manual_seed(cfg.seed)
         self.model = instantiate(cfg.model).to(device)
-        if compiled:  # the forward pass, and so (by AOT autograd) the backward; static batch shapes
-            self.terms = torch.compile(self.terms, dynamic=False)
+        if compiled:  # the forward pass, and so (by AOT autograd) the backward; static batch shapes;
+            # vaelab's options for the device (CUDA graphs on a GPU; AVX2 code on an AVX-512 CPU)
+            self.terms = torch.compile(self.terms, dynamic=False, options=inductor_options(device))
         self.optimizer = self.model.configure_optimizers()
         self.clip = cfg.trainer.gradient_clip_val
         self.batches, self.device = batches, device

@@ -27,6 +27,17 @@ from vaelab.posteriors import PosteriorBatch
 from vaelab.posteriors.gaussian import GaussianPosterior, standard_normal_log_density
 
 
+def inductor_options(device: torch.device) -> dict:
+    """``torch.compile`` options for ``device``: CUDA graphs on a GPU (``reduce-overhead``); on
+    a CPU whose torch kernels are AVX-512, inductor's code in 256-bit (AVX2) vectors. There,
+    this torch build's AVX-512 ``log1p``/``expm1`` (behind ``softplus`` and ``elu``) ran 2-7
+    times slower than its AVX2 ones; the likelihood's forward and backward, compiled, took 424
+    against 801 us (docs/speed.md). The matrix products are library calls either way."""
+    if device.type == "cuda":
+        return torch._inductor.list_mode_options("reduce-overhead")
+    return {"cpp.simdlen": 256} if torch.backends.cpu.get_cpu_capability() == "AVX512" else {}
+
+
 class VAE(Optimization):
     """A VAE with pluggable networks, posterior and objective.
 
@@ -80,11 +91,10 @@ class VAE(Optimization):
         first epoch and none after; ``encode``/``decode`` (pictures) stay eager. On a GPU with CUDA
         graphs. ``fallback_random``: the noise is torch's own, so a compiled run draws what an
         eager run draws."""
-        mode = "reduce-overhead" if torch.device(device).type == "cuda" else "default"
         # The limit counts graphs of VAE.forward over every model of the process (8 by default): a
         # sweep run in one process (Hydra's basic launcher) would fall back to eager by its third job.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.compile(dynamic=False, options={**torch._inductor.list_mode_options(mode), "fallback_random": True})
+        self.compile(dynamic=False, options={**inductor_options(torch.device(device)), "fallback_random": True})
         self.compiled = True
 
     def encode(self, x: Tensor) -> PosteriorBatch:
