@@ -124,7 +124,7 @@ class M2(Optimization):
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer, self.latent_dim, self.n_classes = optimizer, latent_dim, n_classes
         self.alpha, self.labeled_weight, self.l2 = alpha, labeled_weight, l2
-        self.labeled_scale = 1.0 if labeled_weight is None else labeled_weight  # resolved when fitting starts
+        self.labeled_scale = 1.0  # w of the loss: labeled_weight, or N_l / N_u for None, set when fitting starts
         out = n_features if self.likelihood == "bernoulli" else 2 * n_features
         self.classifier = mlp([n_features, *classifier_hidden_dims, n_classes])
         self.encoder = LabelConditioned(n_features, n_classes, [*hidden_dims, 2 * latent_dim])
