@@ -64,6 +64,19 @@ def test_m2_run_selects_on_validation_error(compose_cfg, tmp_path):
     assert isinstance(model, M2) and model.class_weight.item() == pytest.approx(0.1 * 200 / 20)  # 0.1 N / N_l
 
 
+def test_m2_resumed_from_an_epoch_end_gives_the_numbers_of_an_uninterrupted_run(compose_cfg):
+    def weights(metrics):
+        last = Path(metrics["best_checkpoint"]).with_name("last.ckpt")
+        return torch.load(last, weights_only=False)["state_dict"]
+
+    straight = train(compose_cfg("train", "model=m2", *SMALL, "max_epochs=3", run="straight"))
+    train(compose_cfg("train", "model=m2", *SMALL, "max_epochs=2", run="resumed"))
+    resumed = train(compose_cfg("train", "model=m2", *SMALL, "max_epochs=3", "ckpt_path=last", run="resumed"))
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["test/error"] == straight["test/error"]
+
+
 def test_m1m2_run_on_a_vae(compose_cfg, vae_ckpt):
     metrics = train(compose_cfg("train", "model=m1m2", f"model.m1_ckpt={vae_ckpt}", *SMALL, "max_epochs=1",
                                 run="m1m2"))

@@ -136,9 +136,11 @@ class SemiSupervisedMNIST(MNISTDataModule):
         unlabeled = ResidentImages(x[~is_labeled], y[~is_labeled])  # labels: all -1
         steps = -(-len(unlabeled) // self.batch_size)
         labeled_batch_size = min(self.labeled_batch_size, len(labeled))
+        # each loader its own generator: without one, a DataLoader draws its base seed from the global
+        # stream, and a run resumed from last.ckpt would not give the uninterrupted run's numbers
         loaders = {
             "labeled": DataLoader(labeled, labeled_batch_size, sampler=Cycled(len(labeled), steps * labeled_batch_size,
-                                  self.seed), collate_fn=whole_batch),
+                                  self.seed), collate_fn=whole_batch, generator=_seeded(self.seed)),
             "unlabeled": DataLoader(unlabeled, self.batch_size, sampler=EpochShuffle(unlabeled, self.seed),
                                     collate_fn=whole_batch, generator=_seeded(self.seed)),
         }
