@@ -25,7 +25,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 from torchvision import datasets
 
 from vaelab.config import ConfigError
@@ -95,6 +95,13 @@ class EpochShuffle(RandomSampler):
     def __iter__(self):
         generator = _seeded(rank_seed(self.seed, 0, self.epoch))
         return iter(torch.randperm(len(self.data_source), generator=generator).tolist())
+
+
+def resident_loader(dataset: Dataset, batch_size: int, sampler: Sampler | None, seed: int) -> DataLoader:
+    """A DataLoader of whole batches of resident tensors, with its own generator: without one, a
+    DataLoader draws a base seed per epoch from the global stream, and a run resumed from
+    ``last.ckpt`` would then not give the uninterrupted run's numbers."""
+    return DataLoader(dataset, batch_size, sampler=sampler, collate_fn=whole_batch, generator=_seeded(seed))
 
 
 class MNISTDataModule(pl.LightningDataModule):
@@ -198,8 +205,7 @@ class MNISTDataModule(pl.LightningDataModule):
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         dataset = ResidentImages(*self.splits[split])
         sampler = EpochShuffle(dataset, self.seed) if shuffle else None
-        # its own generator: a DataLoader draws a base seed per epoch, from the global stream otherwise
-        return DataLoader(dataset, batch_size, sampler=sampler, collate_fn=whole_batch, generator=_seeded(self.seed))
+        return resident_loader(dataset, batch_size, sampler, self.seed)
 
     def train_dataloader(self) -> DataLoader:
         self.generator = None  # a new fit: the first batch seeds the binarization afresh

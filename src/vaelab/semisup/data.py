@@ -18,10 +18,10 @@ from collections.abc import Iterator
 import torch
 from pytorch_lightning.utilities import CombinedLoader
 from torch import Tensor
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Sampler
 
 from vaelab.config import ConfigError
-from vaelab.data import EpochShuffle, MNISTDataModule, ResidentImages, _seeded, rank_seed, whole_batch
+from vaelab.data import EpochShuffle, MNISTDataModule, ResidentImages, _seeded, rank_seed, resident_loader
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +136,10 @@ class SemiSupervisedMNIST(MNISTDataModule):
         unlabeled = ResidentImages(x[~is_labeled], y[~is_labeled])  # labels: all -1
         steps = -(-len(unlabeled) // self.batch_size)
         labeled_batch_size = min(self.labeled_batch_size, len(labeled))
-        # each loader its own generator: without one, a DataLoader draws its base seed from the global
-        # stream, and a run resumed from last.ckpt would not give the uninterrupted run's numbers
+        cycled = Cycled(len(labeled), steps * labeled_batch_size, self.seed)
         loaders = {
-            "labeled": DataLoader(labeled, labeled_batch_size, sampler=Cycled(len(labeled), steps * labeled_batch_size,
-                                  self.seed), collate_fn=whole_batch, generator=_seeded(self.seed)),
-            "unlabeled": DataLoader(unlabeled, self.batch_size, sampler=EpochShuffle(unlabeled, self.seed),
-                                    collate_fn=whole_batch, generator=_seeded(self.seed)),
+            "labeled": resident_loader(labeled, labeled_batch_size, cycled, self.seed),
+            "unlabeled": resident_loader(unlabeled, self.batch_size, EpochShuffle(unlabeled, self.seed), self.seed),
         }
         return CombinedLoader(loaders, mode="max_size_cycle")
 
