@@ -179,6 +179,7 @@ class Loop:
         # trainer.precision=bf16-mixed as Lightning does it: the forward pass under bfloat16 autocast
         self.bf16 = str(cfg.trainer.precision) == "bf16-mixed"
         self.times: list[float] = []
+        self.val_times: list[float] = []
         self.images = 0
 
     def terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -207,12 +208,14 @@ class Loop:
 
     @torch.no_grad()
     def evaluate(self, x: Tensor, batch_size: int) -> float:
-        """Seconds for one validation pass (the ELBO terms) over resident ``x``."""
+        """Seconds for one validation pass (the ELBO terms) over resident ``x``, also appended to
+        ``val_times``."""
         start = clock(self.device)
         for batch in x.split(batch_size):
             rec, kl = self.terms(batch)
             torch.stack([rec.mean(), kl.mean()])
-        return clock(self.device) - start
+        self.val_times.append(clock(self.device) - start)
+        return self.val_times[-1]
 
 
 def bare_loop(cfg: DictConfig, device: torch.device, compiled: bool = False) -> tuple[Loop, Tensor]:
@@ -350,6 +353,7 @@ def run_vaelab(cfg: DictConfig, epochs: int, memory: PeakMemory, between_epochs:
         **summary(seconds["train"][1:], images["train"], seconds["train"][0] if compiled else None),
         "peak_mb": timer.peak_mb,
         "full_epoch_s": statistics.median(seconds["epoch"][1:]),
+        "full_epoch_times_s": seconds["epoch"][1:],
     }
     if seconds["val"][1:]:
         result["val_images_per_s"] = images["val"] / statistics.median(seconds["val"][1:])
@@ -380,15 +384,19 @@ def measure(cfg: DictConfig, modes: list[str], epochs: int, device: torch.device
         results[mode] = {"peak_mb": memory.stop()}
 
     def between_epochs() -> None:
-        for loop in loops.values():
+        for name, loop in loops.items():
             loop.epoch()
+            if name == "bare":  # the validation pass a whole vaelab epoch is compared with
+                loop.evaluate(val_x, cfg.data.eval_batch_size)
 
     vaelab_modes = [m for m in VAELAB_MODES if m in modes]
     for mode in vaelab_modes:
-        marks = {name: len(loop.times) for name, loop in loops.items()}
+        marks = {name: (len(loop.times), len(loop.val_times)) for name, loop in loops.items()}
         results[mode] = run_vaelab(with_compile(cfg, VAELAB_MODES[mode]), epochs, memory, between_epochs)
-        # the hand-written loops' epochs run right after each of this mode's timed epochs
-        results[mode]["paired_epoch_s"] = {name: loop.times[marks[name]:] for name, loop in loops.items()}
+        # the hand-written loops' epochs (and bare's validation) run right after each of this mode's timed epochs
+        results[mode]["paired_epoch_s"] = {name: loop.times[marks[name][0]:] for name, loop in loops.items()}
+        if "bare" in loops:
+            results[mode]["paired_bare_val_s"] = loops["bare"].val_times[marks["bare"][1]:]
     if not vaelab_modes:
         for _ in range(epochs):
             between_epochs()
@@ -520,6 +528,15 @@ def speed_ratio(results: dict, mode: str, base: str) -> float:
     return statistics.median(base_s / mode_s for base_s, mode_s in pairs)
 
 
+def whole_epoch_pace(results: dict, mode: str) -> float:
+    """How many times faster ``mode``'s whole epoch (training, validation, pictures, checkpoints,
+    logs) runs than an epoch of the bare loop that trains and validates: the median over epochs
+    run back to back, as :func:`speed_ratio`."""
+    r = results[mode]
+    pairs = zip(r["paired_epoch_s"]["bare"], r["paired_bare_val_s"], r["full_epoch_times_s"], strict=True)
+    return statistics.median((train_s + val_s) / whole_s for train_s, val_s, whole_s in pairs)
+
+
 def report(results: dict, info: dict) -> dict:
     """Print the table (Markdown) and the ratios; return the JSON record."""
 
@@ -540,6 +557,9 @@ def report(results: dict, info: dict) -> dict:
     for mode, base in pairs:
         if mode in results and base in results:
             ratios[f"{mode}/{base}"] = speed_ratio(results, mode, base)
+    for mode in VAELAB_MODES:
+        if mode in results and "paired_bare_val_s" in results[mode]:
+            ratios[f"{mode}/bare whole epoch"] = whole_epoch_pace(results, mode)
     print("\n" + "   ".join(f"{name}: {ratio:.2f}" for name, ratio in ratios.items()))
     return {**info, "results": results, "ratios": ratios}
 

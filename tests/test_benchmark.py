@@ -47,9 +47,18 @@ def test_main_prints_the_chosen_modes_and_a_json_line(fake_root, capsys):
     train_speed.main(["--data-root", str(fake_root), "--epochs", "1", "--modes", "bare,vaelab", *OVERRIDES])
     out = capsys.readouterr().out
     last = json.loads(out.strip().splitlines()[-1])
-    assert list(last["results"]) == ["bare", "vaelab"] and list(last["ratios"]) == ["vaelab/bare"]
+    assert list(last["results"]) == ["bare", "vaelab"]
+    assert list(last["ratios"]) == ["vaelab/bare", "vaelab/bare whole epoch"]
+    assert len(last["results"]["vaelab"]["paired_bare_val_s"]) == 1  # bare validated after the timed epoch
     rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows == ["mode", "bare", "vaelab"]
+
+
+def test_whole_epoch_pace_pairs_each_vaelab_epoch_with_the_bare_epoch_and_validation_after_it():
+    results = {"vaelab": {"full_epoch_times_s": [10.0, 6.0, 5.0],
+                          "paired_epoch_s": {"bare": [4.0, 5.0, 4.5]}, "paired_bare_val_s": [1.0, 1.0, 0.5]}}
+    # pairs: 5 / 10, 6 / 6, 5 / 5 -> median 1.0 (a ratio of medians would give 5 / 6)
+    assert train_speed.whole_epoch_pace(results, "vaelab") == 1.0
 
 
 def test_bf16_mixed_benchmark_runs(fake_root):
@@ -99,7 +108,7 @@ def test_compiled_modes_and_evaluation(fake_root):
                                "--modes", "bare,bare-compiled,vaelab-compiled",
                                "--eval", "--iw-samples", "4", "--test-images", "30", *OVERRIDES])
     results, ratios = record["results"], record["ratios"]
-    assert set(ratios) == {"bare-compiled/bare", "vaelab-compiled/bare"}
+    assert set(ratios) == {"bare-compiled/bare", "vaelab-compiled/bare", "vaelab-compiled/bare whole epoch"}
     # a ratio pairs each vaelab epoch with the bare epoch run right after it (here the only one)
     (paired,) = results["vaelab-compiled"]["paired_epoch_s"]["bare"]
     assert [paired] == results["bare"]["epoch_times_s"]

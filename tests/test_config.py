@@ -7,7 +7,7 @@ import pytorch_lightning as pl
 
 from vaelab import config_dir
 from vaelab.config import ConfigError, instantiate
-from vaelab.train import instantiate_all, train
+from vaelab.train import instantiate_all, instantiate_callbacks, train
 
 
 def options(group: str) -> list[str]:
@@ -30,7 +30,7 @@ def test_composes_and_instantiates(make_cfg, override):
         if "latent_dim" in cfg.model:
             assert model.latent_dim == cfg.model.latent_dim
     assert instantiate(cfg.data).batch_size == cfg.data.batch_size
-    instantiate(cfg.trainer, callbacks=instantiate_all(cfg.callbacks), logger=instantiate_all(cfg.logger) or False)
+    instantiate(cfg.trainer, callbacks=instantiate_callbacks(cfg), logger=instantiate_all(cfg.logger) or False)
 
 
 def test_top_level_keys_reach_the_groups(make_cfg):

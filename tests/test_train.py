@@ -196,3 +196,19 @@ def test_sigterm_in_the_last_test_batch_stops_the_run(make_cfg, tmp_path):
         train(make_cfg("callbacks=model_checkpoint", "logger=none"), extra_callbacks=[TerminateInLastTestBatch()])
     assert not (tmp_path / "run" / "metrics.json").exists()  # a terminated run reports nothing
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()  # what it trained is kept
+
+
+class RecordProgressBar(pl.Callback):
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.bar = trainer.progress_bar_callback
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_progress_bar_is_the_configured_one_or_none(make_cfg, enabled):
+    recorder = RecordProgressBar()
+    train(make_cfg(f"trainer.enable_progress_bar={str(enabled).lower()}", "callbacks=progress_bar", "logger=none"),
+          extra_callbacks=[recorder])
+    if enabled:  # configs/callbacks/progress_bar.yaml, not Lightning's default (redrawn every batch)
+        assert isinstance(recorder.bar, pl.callbacks.RichProgressBar) and recorder.bar.refresh_rate == 10
+    else:
+        assert recorder.bar is None

@@ -25,6 +25,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -47,6 +48,15 @@ log = logging.getLogger(__name__)
 def instantiate_all(group: DictConfig | None) -> list[Any]:
     """Instantiate every entry of a config group such as ``callbacks`` or ``logger`` (nulls skipped)."""
     return [instantiate(node) for node in (group or {}).values() if node is not None]
+
+
+def instantiate_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """The ``callbacks`` group, without its progress bar when ``trainer.enable_progress_bar`` is
+    false (the Trainer refuses a bar callback then)."""
+    callbacks = instantiate_all(cfg.get("callbacks"))
+    if not OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True):
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    return callbacks
 
 
 def _command() -> str:
@@ -172,7 +182,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
             check_same_settings(checkpoint, cfg, ckpt_path)
     datamodule.prepare_data()  # missing data fails here, before the Trainer starts
 
-    callbacks = [RankSeed(cfg.seed), *instantiate_all(cfg.get("callbacks")), SaveConfigInCheckpoint(cfg)]
+    callbacks = [RankSeed(cfg.seed), *instantiate_callbacks(cfg), SaveConfigInCheckpoint(cfg)]
     # ResumeRandomState last: its on_train_start sets the random streams after every other callback's
     callbacks += [TrainingProgress(), ProcessGroupTeardown(), *extra_callbacks, ResumeRandomState()]
     loggers = instantiate_all(cfg.get("logger"))
