@@ -32,7 +32,11 @@ up, over its set-up and warm-up epoch.
 - ``vaelab-compiled``: vaelab with ``compile=true``.
 
 Compiled modes report their compile time apart (``compile s``: the warm-up epoch's excess over a
-timed epoch), and every mode's throughput as a ratio to the eager bare loop of the same run.
+timed epoch), and every mode's throughput as a ratio to the eager bare loop of the same run. A
+vaelab mode's whole epoch (training, validation, pictures, checkpoints, logs) is also compared
+with a bare epoch that trains and validates, run right after it (``vaelab/bare whole epoch``).
+The progress bar is off unless ``trainer.enable_progress_bar=true`` is given (in a terminal it
+then costs what it costs a user).
 
 ``--cli R``: the epochs a user sees. ``python -m vaelab.train`` (the default run: progress bar,
 pictures, checkpoints, logs, its test stage) is timed end to end for 1 and for 3 epochs; the
