@@ -636,6 +636,8 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(str(err).splitlines()[0])
         if str(cfg.trainer.precision) not in PRECISIONS:
             parser.error(f"trainer.precision must be one of {', '.join(PRECISIONS)}")
+        # every mode under the user's setting, before torch's first parallel op (vaelab.train.train)
+        torch.set_flush_denormal(cfg.flush_denormal)
         instantiate(cfg.data).prepare_data()  # missing data: one readable error before any timing
         load = os.getloadavg()[0]
         results = measure(cfg, modes, args.epochs, device, args.workers) if modes else {}
@@ -654,6 +656,7 @@ def main(argv: list[str] | None = None) -> dict:
         if device.type == "cuda"
         else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "threads": torch.get_num_threads(),
+        "flush_denormal": cfg.flush_denormal,
         "epochs": args.epochs,
         "workers": args.workers,
         "overrides": args.overrides,

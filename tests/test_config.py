@@ -52,6 +52,7 @@ def test_top_level_keys_reach_the_groups(make_cfg):
         ("data.binarize=maybe", "data.binarize must be one of dynamic, static, none"),
         ("trainer.precision=bf17", "trainer.precision must be one of 32-true, bf16-mixed"),
         ("max_epochs=0", "max_epochs must be"),
+        ("flush_denormal=1", "flush_denormal must be true or false"),
         ("ckpt_path=/no/such/file.ckpt", "ckpt_path: no checkpoint file at /no/such/file.ckpt"),
         ("ckpt_path=last", "ckpt_path=last needs hydra.run.dir"),
     ],

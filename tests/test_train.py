@@ -212,3 +212,19 @@ def test_progress_bar_is_the_configured_one_or_none(make_cfg, enabled):
         assert isinstance(recorder.bar, pl.callbacks.RichProgressBar) and recorder.bar.refresh_rate == 10
     else:
         assert recorder.bar is None
+
+
+class RecordDenormalProduct(pl.Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.product = (torch.tensor([1e-39]) * 2.0).item()  # a denormal float32 times 2
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_flush_denormal_makes_denormals_zero_while_training(make_cfg, flush):
+    recorder = RecordDenormalProduct()
+    try:
+        train(make_cfg(f"flush_denormal={str(flush).lower()}", "max_epochs=1", "callbacks=none", "logger=none"),
+              extra_callbacks=[recorder])
+    finally:
+        torch.set_flush_denormal(False)
+    assert recorder.product == (0.0 if flush else pytest.approx(2e-39, rel=1e-3))

@@ -83,6 +83,7 @@ def validate(cfg: DictConfig) -> None:
          "a positive integer, or -1 for no limit"),
         ("seed", "seed", _is_int, "an integer"),
         ("compile", "compile", lambda v: isinstance(v, bool), "true or false"),
+        ("flush_denormal", "flush_denormal", lambda v: isinstance(v, bool), "true or false"),
         ("trainer.precision", "trainer.precision", lambda v: str(v) in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
     ]
     for path, key, ok, expected in checks:

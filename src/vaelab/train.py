@@ -159,6 +159,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
     ``extra_callbacks`` join the configured ones (``benchmarks/train_speed.py`` times epochs so).
     """
     validate(cfg)
+    # Set before torch's first parallel op: its worker threads take the setting when they start.
+    torch.set_flush_denormal(cfg.get("flush_denormal", False))
     output_dir = Path(cfg.paths.output_dir)
     sweep_job, own_last = in_sweep(), cfg.get("ckpt_path") == "last"
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, start_if_missing=sweep_job)
