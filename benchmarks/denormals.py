@@ -8,8 +8,8 @@ so the backward pass carries such denormal numbers through the decoder and encod
 labels, and the CPU's products on them go through slow microcode. ``torch.set_flush_denormal(True)``
 (FTZ and DAZ) treats them as zero. Each setting runs in its own process, set before torch's first
 parallel op, since torch's worker threads take the setting when they start (set later, it reaches
-the main thread only). Steps of one batch of ``--batch-size`` unlabeled and as many labeled
-training images (dynamic binarization), forward and backward; medians of ``--rounds`` rounds of
+the main thread only). Steps of one batch of ``--batch-size`` labeled and as many unlabeled
+training images of the run's own labeled subset, binarized once, forward and backward; medians of ``--rounds`` rounds of
 ``--steps`` steps. Prints a Markdown table and a JSON line.
 """
 
@@ -27,18 +27,22 @@ def time_steps(ckpt: str, data_root: str, flush: bool, threads: int, batch_size:
 
     torch.set_flush_denormal(flush)  # before any parallel op: the thread pool inherits it
     torch.set_num_threads(threads)
-    from torchvision.datasets import MNIST
-
     from vaelab.checkpoint import load_model
+    from vaelab.config import instantiate
+    from vaelab.data import bernoulli
+    from vaelab.semisup.data import UNLABELED
 
-    model, _ = load_model(ckpt)
+    model, cfg = load_model(ckpt)
     model.train()
     model.labeled_scale = 1.0  # what on_fit_start sets from the data set; any value times the same work
-    mnist = MNIST(data_root, train=True)
-    generator = torch.Generator().manual_seed(0)
-    grey = mnist.data[: 2 * batch_size].float().div(255).unsqueeze(1)
-    x = torch.bernoulli(grey, generator=generator)
-    y = mnist.targets[:batch_size]
+    cfg.data.root = data_root
+    datamodule = instantiate(cfg.data)  # the run's data and its labeled subset
+    datamodule.setup("fit")
+    images, labels = datamodule.splits["train"]
+    is_labeled = labels != UNLABELED
+    x = torch.cat([images[is_labeled][:batch_size], images[~is_labeled][:batch_size]])
+    x = bernoulli(x, torch.Generator().manual_seed(0))
+    y = labels[is_labeled][:batch_size]
     with torch.no_grad():
         q = model.classifier(model.features(x[batch_size:])).softmax(-1)
     below_normal = (q < torch.finfo(torch.float32).tiny).float().mean().item()

@@ -160,7 +160,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
     """
     validate(cfg)
     # Set before torch's first parallel op: its worker threads take the setting when they start.
-    torch.set_flush_denormal(cfg.get("flush_denormal", False))
+    torch.set_flush_denormal(cfg.flush_denormal)
     output_dir = Path(cfg.paths.output_dir)
     sweep_job, own_last = in_sweep(), cfg.get("ckpt_path") == "last"
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, start_if_missing=sweep_job)
