@@ -30,6 +30,9 @@ up, over its set-up and warm-up epoch.
   ``torch.compile`` with vaelab's options for the device (:func:`vaelab.vae.inductor_options`):
   the best a hand-written loop does here.
 - ``vaelab-compiled``: vaelab with ``compile=true``.
+- ``lightning``: vaelab without the configured callbacks (pictures, checkpoints, NaN check,
+  progress bar) and without a logger: the same DataModule, VAE and Trainer, so that its gap to
+  ``bare`` is Lightning's own loop, and its gap to ``vaelab`` what the callbacks and logs cost.
 
 Compiled modes report their compile time apart (``compile s``: the warm-up epoch's excess over a
 timed epoch), and every mode's throughput as a ratio to the eager bare loop of the same run. A
@@ -88,8 +91,8 @@ from vaelab.objectives import bernoulli_log_likelihood
 from vaelab.train import train
 from vaelab.vae import inductor_options
 
-MODES = ("bare", "bare-compiled", "dataloader", "vaelab", "vaelab-compiled")
-VAELAB_MODES = {"vaelab": False, "vaelab-compiled": True}  # mode -> compile
+MODES = ("bare", "bare-compiled", "dataloader", "lightning", "vaelab", "vaelab-compiled")
+VAELAB_MODES = ("lightning", "vaelab", "vaelab-compiled")  # runs of vaelab.train.train
 # Model variants for --models: Hydra overrides of the default config.
 VARIANTS = {
     "mlp": [],
@@ -343,6 +346,18 @@ def with_compile(cfg: DictConfig, compiled: bool) -> DictConfig:
     return cfg
 
 
+def mode_config(cfg: DictConfig, mode: str) -> DictConfig:
+    """The config of a vaelab mode (a copy): ``compile=true`` for ``vaelab-compiled``; for
+    ``lightning``, none of the configured callbacks (pictures, checkpoints, NaN check, progress
+    bar) and no logger, so that what is left of the gap to ``bare`` is Lightning's own loop."""
+    cfg = with_compile(cfg, mode == "vaelab-compiled")
+    if mode == "lightning":
+        with open_dict(cfg):
+            cfg.callbacks, cfg.logger = {}, {}
+            cfg.trainer.enable_checkpointing = cfg.trainer.enable_progress_bar = False
+    return cfg
+
+
 def run_vaelab(cfg: DictConfig, epochs: int, memory: PeakMemory, between_epochs: Callable[[], None]) -> dict:
     """``vaelab.train.train(cfg)`` for one warm-up and ``epochs`` timed epochs, running
     ``between_epochs`` after each timed one."""
@@ -369,7 +384,7 @@ def run_vaelab(cfg: DictConfig, epochs: int, memory: PeakMemory, between_epochs:
 def measure(cfg: DictConfig, modes: list[str], epochs: int, device: torch.device, workers: int = 0) -> dict:
     """Set up and warm up each mode in turn (one epoch), then time ``epochs`` interleaved epochs
     of each; a vaelab mode's run is ``vaelab.train.train(cfg)`` with ``max_epochs = epochs + 1``
-    (``compile=true`` for vaelab-compiled).
+    (:func:`mode_config`).
 
     Returns ``{mode: {"train_images_per_s", "epoch_s" (median), "epoch_times_s", "images",
     "peak_mb", ...}}``; vaelab adds the throughput of its validation and test passes, bare that
@@ -396,7 +411,7 @@ def measure(cfg: DictConfig, modes: list[str], epochs: int, device: torch.device
     vaelab_modes = [m for m in VAELAB_MODES if m in modes]
     for mode in vaelab_modes:
         marks = {name: (len(loop.times), len(loop.val_times)) for name, loop in loops.items()}
-        results[mode] = run_vaelab(with_compile(cfg, VAELAB_MODES[mode]), epochs, memory, between_epochs)
+        results[mode] = run_vaelab(mode_config(cfg, mode), epochs, memory, between_epochs)
         # the hand-written loops' epochs (and bare's validation) run right after each of this mode's timed epochs
         results[mode]["paired_epoch_s"] = {name: loop.times[marks[name][0]:] for name, loop in loops.items()}
         if "bare" in loops:
@@ -557,7 +572,7 @@ def report(results: dict, info: dict) -> dict:
         formats = [".0f", ".2f", ".2f", ".0f", ".0f", ".0f", ".1f"]
         print(f"| {mode} | " + " | ".join(cell(v, f) for v, f in zip(values, formats, strict=True)) + " |")
     ratios = {}
-    pairs = [(mode, "bare") for mode in ("bare-compiled", "vaelab", "vaelab-compiled")] + [("vaelab", "dataloader")]
+    pairs = [(mode, "bare") for mode in ("bare-compiled", *VAELAB_MODES)] + [("vaelab", "dataloader")]
     for mode, base in pairs:
         if mode in results and base in results:
             ratios[f"{mode}/{base}"] = speed_ratio(results, mode, base)

@@ -43,6 +43,18 @@ def test_measure_times_every_mode_on_the_same_images(fake_root, tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["epochs"] == 2
 
 
+def test_lightning_mode_is_vaelab_without_callbacks_logger_or_checkpoints(fake_root, tmp_path):
+    cfg = train_speed.compose_config(str(fake_root), "cpu", str(tmp_path), OVERRIDES)
+    results = train_speed.measure(cfg, ["bare", "lightning"], epochs=1, device=torch.device("cpu"))
+
+    assert results["lightning"]["images"] == N_TRAIN - VAL_SIZE
+    assert results["lightning"]["full_epoch_s"] >= results["lightning"]["epoch_s"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["epochs"] == 2
+    for written_by_callbacks_or_logger in ("checkpoints", "images", "tensorboard"):
+        assert not (tmp_path / written_by_callbacks_or_logger).exists()
+    assert train_speed.whole_epoch_pace(results, "lightning") > 0
+
+
 def test_main_prints_the_chosen_modes_and_a_json_line(fake_root, capsys):
     train_speed.main(["--data-root", str(fake_root), "--epochs", "1", "--modes", "bare,vaelab", *OVERRIDES])
     out = capsys.readouterr().out

