@@ -172,3 +172,22 @@ def test_finite_loss_check_raises_when_another_rank_failed():
     stub = SimpleNamespace(global_step=7, strategy=failed_elsewhere)
     with pytest.raises(FloatingPointError, match="by step 7"):
         check.on_train_batch_end(stub, SimpleNamespace(device=torch.device("cpu")), torch.tensor(1.0), None, 0)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_finite_loss_check_reads_the_loss_every_step_on_a_cpu_and_every_n_steps_elsewhere(device):
+    """A CPU reads the loss as a float at once; an accelerator keeps the flag on the device and
+    reads it back at step ``every_n_steps``, still catching a loss that was infinite steps before."""
+    check = FiniteLossCheck(every_n_steps=4)
+    trainer = SimpleNamespace(global_step=1, strategy=SimpleNamespace(reduce_boolean_decision=lambda d, all=True: d))
+    module = SimpleNamespace(device=torch.device(device))
+    if device == "cpu":
+        with pytest.raises(FloatingPointError, match="by step 1"):
+            check.on_train_batch_end(trainer, module, {"loss": torch.tensor(float("inf"))}, None, 0)
+        return
+    for step, loss in enumerate([float("inf"), 2.0, 3.0], start=1):
+        trainer.global_step = step
+        check.on_train_batch_end(trainer, module, {"loss": torch.tensor(loss)}, None, 0)
+    trainer.global_step = 4
+    with pytest.raises(FloatingPointError, match="by step 4"):
+        check.on_train_batch_end(trainer, module, {"loss": torch.tensor(4.0)}, None, 0)

@@ -208,7 +208,7 @@ def test_progress_bar_is_the_configured_one_or_none(make_cfg, enabled):
     recorder = RecordProgressBar()
     train(make_cfg(f"trainer.enable_progress_bar={str(enabled).lower()}", "callbacks=progress_bar", "logger=none"),
           extra_callbacks=[recorder])
-    if enabled:  # configs/callbacks/progress_bar.yaml, not Lightning's default (redrawn every batch)
+    if enabled:  # configs/callbacks/progress_bar.yaml, not Lightning's default (100 redraws a second)
         assert isinstance(recorder.bar, pl.callbacks.RichProgressBar) and recorder.bar.refresh_rate == 10
     else:
         assert recorder.bar is None
