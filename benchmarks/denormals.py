@@ -34,10 +34,10 @@ def time_steps(ckpt: str, data_root: str, flush: bool, threads: int, batch_size:
 
     model, cfg = load_model(ckpt)
     model.train()
-    model.labeled_scale = 1.0  # what on_fit_start sets from the data set; any value times the same work
     cfg.data.root = data_root
     datamodule = instantiate(cfg.data)  # the run's data and its labeled subset
     datamodule.setup("fit")
+    model.weigh_by(datamodule)  # the loss's weights, as fitting would set them
     images, labels = datamodule.splits["train"]
     is_labeled = labels != UNLABELED
     x = torch.cat([images[is_labeled][:batch_size], images[~is_labeled][:batch_size]])

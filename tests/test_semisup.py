@@ -64,13 +64,13 @@ def test_labeled_weight_of_the_data_set_estimates_the_papers_objective(monkeypat
     """With ``labeled_weight = N_l / N_u`` a step over the whole data set is the paper's objective
     ``sum_lab [-L(x, y) + beta CE] + sum_unlab [-U(x)]``, divided by ``N_u``; summed here image by
     image and label by label (noise 0 everywhere, so both sides see the same z)."""
-    model = tiny_m2()
+    model = tiny_m2(labeled_weight=None)
     torch.manual_seed(2)
     x_lab, x_unlab = torch.bernoulli(torch.rand(3, 12)), torch.bernoulli(torch.rand(7, 12))
     y_lab = torch.tensor([4, 0, 4])
     beta = 5.0
+    model.weigh_by(SimpleNamespace(n_train=10, n_labeled=3))  # labeled_weight=None: w = N_l / N_u = 3 / 7
     model.class_weight.fill_(beta)
-    model.labeled_scale = 3 / 7  # N_l / N_u, as on_fit_start sets it for labeled_weight=None
     monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
     loss, _ = model.loss(x_lab, y_lab, x_unlab)
     zero = torch.zeros(3)

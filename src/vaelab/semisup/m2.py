@@ -33,6 +33,7 @@ does; ``1`` weighs the labeled part ``N_u / N_l`` times more (docs/semisup.md).
 import math
 from collections.abc import Callable, Iterable, Sequence
 
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -168,7 +169,11 @@ class M2(Optimization):
     # ----- training ----------------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
-        datamodule = self.trainer.datamodule
+        self.weigh_by(self.trainer.datamodule)
+
+    def weigh_by(self, datamodule: pl.LightningDataModule) -> None:
+        """The loss's weights from the training set's sizes: ``class_weight = alpha / N_l`` and
+        the labeled batch's weight w (``N_l / N_u`` for ``labeled_weight=None``)."""
         if not hasattr(datamodule, "n_labeled"):
             raise ConfigError("model=m2 needs the semi-supervised data (data=mnist_semisup) with data.labels_per_class")
         alpha = 0.1 * datamodule.n_train if self.alpha is None else self.alpha
