@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(time_steps(*settings, args.child == "on", *numbers)))
         return {}
     rows = []
+    args_given = sys.argv[1:] if argv is None else argv
     for flush in ("off", "on"):
-        args_given = sys.argv[1:] if argv is None else argv
         command = [sys.executable, __file__, *args_given, "--child", flush]
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
