@@ -118,21 +118,29 @@ def latent_variable_results(model: Any, x: Tensor, cfg: DictConfig, out_dir: Pat
     s = cfg.split
     estimates = iw_estimates(model, x, cfg.iw_samples, cfg.chunk_size, progress=True)
     point, kl = posterior_summary(model, x)
-    kl_dims, active = kl.mean(0), activity(point) > ACTIVE_THRESHOLD
-    title = f"{s}: {int(active.sum())} of {len(kl_dims)} active (blue), KL {kl_dims.sum():.2f} nats"
-    figure = plot_kl_per_dimension(kl_dims, active, title)
+    active = activity(point) > ACTIVE_THRESHOLD
+    n_active = f"{int(active.sum())} of {len(active)} active (blue)"
+    if kl is not None:
+        per_dim, ylabel = kl.mean(0), "KL (nats per image)"
+        title = f"{s}: {n_active}, KL {per_dim.sum():.2f} nats"
+    else:  # no KL per dimension under this prior or hierarchy: how much each dimension moves instead
+        per_dim, ylabel = activity(point), "Var_x E[z_d | x]"
+        title = f"{s}: {n_active}; the prior has no KL per dimension"
+    figure = plot_kl_per_dimension(per_dim, active, title, ylabel)
     figure.savefig(out_dir / "kl_per_dim.png", dpi=120)
     with SummaryWriter(str(out_dir / "tensorboard")) as writer:
         writer.add_figure(f"{s}/kl_per_dim", figure, global_step=step)
-    return {
+    results = {
         f"{s}/elbo": estimates.elbo.double().mean().item(),
         f"{s}/rec": estimates.rec.double().mean().item(),
         f"{s}/kl": estimates.kl.double().mean().item(),
         f"{s}/nll": -estimates.log_px.double().mean().item(),
         f"{s}/active_units": int(active.sum()),
-        f"{s}/kl_per_dim": [round(v, 5) for v in kl_dims.tolist()],
         "iw_samples": cfg.iw_samples,
     }
+    if kl is not None:
+        results[f"{s}/kl_per_dim"] = [round(v, 5) for v in per_dim.tolist()]
+    return results
 
 
 @hydra.main(config_path=str(config_dir()), config_name="evaluate", version_base="1.3")

@@ -3,8 +3,8 @@
 Conventions: ``rec = -log p(x|z)`` summed over pixels, ``kl = KL(q(z|x) || p(z))`` summed over
 latent dimensions, ``elbo = -(rec + kl)`` (a lower bound on ``log p(x)``, so negative). Everything
 that scores a model works on :class:`LogDensities`: the three log-densities at ``n`` posterior
-samples per image, with ``log p(z)`` and ``log q(z|x)`` kept per latent dimension (free bits needs
-them so).
+samples per image (for a latent hierarchy, ``log p(z)`` and ``log q(z|x)`` add up every layer's
+terms), and the KL per latent dimension where it is defined (free bits needs it).
 
 A training objective is a small object: ``objective(densities, step) -> loss`` (a scalar to
 minimise), with ``n_samples`` saying how many posterior samples per image it needs. Validation
@@ -39,20 +39,24 @@ class LogDensities(NamedTuple):
     """The log-densities at ``n`` samples ``z ~ q(z|x)`` for each of ``B`` images."""
 
     log_px_z: Tensor  # [n, B]     log p(x|z)
-    log_pz: Tensor  # [n, B, D]    log p(z), per latent dimension
-    log_qz: Tensor  # [n, B, D]    log q(z|x), per latent dimension
-    kl: Tensor | None  # [B, D]    closed-form KL(q || p) per dimension, if the posterior has one
+    log_pz: Tensor  # [n, B]       log p(z), every layer's prior terms
+    log_qz: Tensor  # [n, B]       log q(z|x), every layer's
+    # [B, D] KL(q || p) per dimension: closed form where there is one, else the Monte Carlo estimate
+    # over the n samples; None where it is not defined (a prior that does not factorise, a hierarchy)
+    kl: Tensor | None
+    # DReG (estimator=dreg): the samples of each layer as the log-densities used them, else ()
+    latents: tuple[Tensor, ...] = ()
 
 
-def kl_per_dimension(d: LogDensities) -> Tensor:
-    """``KL(q(z|x) || p(z))`` per image and dimension, ``[B, D]``: closed form when the posterior
-    gives it (lower variance), else the Monte Carlo estimate ``mean_n log q - log p``."""
-    return d.kl if d.kl is not None else (d.log_qz - d.log_pz).mean(0)
+def kl_per_image(d: LogDensities) -> Tensor:
+    """``KL(q(z|x) || p(z))`` per image, ``[B]``: the sum of the per-dimension KL where there is
+    one (closed form: lower variance), else the Monte Carlo estimate ``mean_n log q - log p``."""
+    return d.kl.sum(-1) if d.kl is not None else (d.log_qz - d.log_pz).mean(0)
 
 
 def elbo_terms(d: LogDensities) -> tuple[Tensor, Tensor]:
     """``(rec [B], kl [B])`` of the plain ELBO (beta = 1, no clamp), averaged over the samples."""
-    return -d.log_px_z.mean(0), kl_per_dimension(d).sum(-1)
+    return -d.log_px_z.mean(0), kl_per_image(d)
 
 
 def log_importance_weights(log_px_z: Tensor, log_pz: Tensor, log_qz: Tensor) -> Tensor:
@@ -101,7 +105,9 @@ class ELBO:
 
     def __call__(self, d: LogDensities, step: int) -> Tensor:
         rec = -d.log_px_z.mean()
-        kl = kl_per_dimension(d).mean(0)  # [D], averaged over the batch
+        if d.kl is None:  # free bits with such a model is refused when the model is built
+            return rec + self.kl_weight(step) * kl_per_image(d).mean()
+        kl = d.kl.mean(0)  # [D], averaged over the batch
         if self.free_bits > 0:
             kl = kl.clamp(min=self.free_bits)
         return rec + self.kl_weight(step) * kl.sum()
@@ -110,14 +116,33 @@ class ELBO:
 class IWAE:
     """The importance-weighted bound of Burda et al. (2015) with ``k`` samples, negated:
     ``loss = -mean_batch (logsumexp_k log w_k - log k)`` with sample-based log-weights
-    ``log w = log p(x|z) + log p(z) - log q(z|x)`` (never the closed-form KL). Autograd through
-    the logsumexp gives the paper's gradient: the normalised weights act as constants."""
+    ``log w = log p(x|z) + log p(z) - log q(z|x)`` (never the closed-form KL).
 
-    def __init__(self, k: int = 5) -> None:
+    Args:
+        k: samples per image.
+        estimator: the encoder's gradient. ``plain``: autograd through the logsumexp, the paper's
+            gradient (the normalised weights ``w~`` act as constants). ``dreg``: the doubly
+            reparameterised gradient of Tucker et al. (2019), ``sum_k w~_k^2 d log w_k / d z_k
+            dz_k/dphi`` with ``log q`` scored at ``z_k`` with the encoder's weights held fixed,
+            which drops the score-function term whose signal-to-noise ratio falls as ``k`` grows
+            (Rainforth et al., 2018). Unbiased for the same expectation; the decoder's and the
+            prior's gradients are the plain ones. The model supplies the samples as
+            ``d.latents``; the extra factor ``w~_k`` is a gradient hook on them.
+    """
+
+    ESTIMATORS = ("plain", "dreg")
+
+    def __init__(self, k: int = 5, estimator: str = "plain") -> None:
         if not (isinstance(k, int) and k >= 1):
             raise ConfigError(f"model.objective.k must be a positive integer (samples per image), got {k}")
-        self.n_samples = k
+        if estimator not in self.ESTIMATORS:
+            raise ConfigError(f"model.objective.estimator must be one of {', '.join(self.ESTIMATORS)}, got {estimator!r}")
+        self.n_samples, self.estimator = k, estimator
 
     def __call__(self, d: LogDensities, step: int) -> Tensor:
-        log_w = log_importance_weights(d.log_px_z, d.log_pz.sum(-1), d.log_qz.sum(-1))
+        log_w = log_importance_weights(d.log_px_z, d.log_pz, d.log_qz)
+        if self.estimator == "dreg" and log_w.requires_grad:
+            weights = torch.softmax(log_w.detach(), dim=0).unsqueeze(-1)  # [k, B, 1]
+            for z in d.latents:
+                z.register_hook(lambda grad: grad * weights)
         return -iw_log_likelihood(log_w).mean()

@@ -40,17 +40,21 @@ def linear_grid(n: int, bound: float = 3.0) -> Tensor:
     return torch.linspace(-bound, bound, n)
 
 
-def grid_points(values: Tensor, latent_dim: int, dims: tuple[int, int] = (0, 1)) -> Tensor:
+def grid_points(
+    values: Tensor, latent_dim: int, dims: tuple[int, int] = (0, 1), rest: Tensor | None = None
+) -> Tensor:
     """The latent points of a manifold picture: ``[n * n, latent_dim]``, row-major.
 
+    ``values`` is ``[n]`` (the same grid for both dimensions) or ``[n, 2]`` (one column each).
     Column ``j`` sets ``z[dims[0]] = values[j]`` (left to right), row ``i`` sets
     ``z[dims[1]] = values[n - 1 - i]`` (top row highest, as on a plot's y axis); other
-    dimensions are 0.
+    dimensions are ``rest [latent_dim]`` (default 0).
     """
     n = len(values)
-    z = torch.zeros(n, n, latent_dim)
-    z[:, :, dims[0]] = values.expand(n, n)
-    z[:, :, dims[1]] = values.flip(0).unsqueeze(1).expand(n, n)
+    values = values.reshape(n, -1).expand(n, 2).cpu()
+    z = torch.zeros(n, n, latent_dim) if rest is None else rest.cpu().float().expand(n, n, latent_dim).clone()
+    z[:, :, dims[0]] = values[:, 0].expand(n, n)
+    z[:, :, dims[1]] = values[:, 1].flip(0).unsqueeze(1).expand(n, n)
     return z.reshape(n * n, latent_dim)
 
 
@@ -138,12 +142,23 @@ def manifold(
     bound: float = 3.0,
     dims: tuple[int, int] = (0, 1),
 ) -> Tensor:
-    """Decoded ``n x n`` grid over latent dimensions ``dims`` (the rest at 0), placed at
-    evenly spaced prior quantiles (``spacing="quantile"``) or over ``[-bound, bound]``."""
+    """Decoded ``n x n`` grid over latent dimensions ``dims``: at evenly spaced quantiles of the
+    prior's marginal in each (``spacing="quantile"``; the other dimensions at their marginal
+    medians, which for ``N(0, I)`` is 0), or over ``[-bound, bound]`` with the rest at 0. A model
+    without ``prior_icdf`` is taken to have the prior ``N(0, I)``."""
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
-    values = quantile_grid(n, quantile) if spacing == "quantile" else linear_grid(n, bound)
-    z = grid_points(values, latent_dim, dims).to(device_of(model))
+    if spacing == "linear":
+        z = grid_points(linear_grid(n, bound), latent_dim, dims)
+    elif hasattr(model, "prior_icdf"):
+        if not 0 < quantile < 0.5:
+            raise ValueError(f"quantile must be in (0, 0.5), got {quantile}")
+        probs = torch.linspace(quantile, 1 - quantile, n, dtype=torch.float64)
+        values = model.prior_icdf(probs)[:, list(dims)]
+        z = grid_points(values, latent_dim, dims, rest=model.prior_icdf(torch.tensor([0.5]))[0])
+    else:
+        z = grid_points(quantile_grid(n, quantile), latent_dim, dims)
+    z = z.to(device_of(model))
     return image_grid(decode_means(model, z), nrow=n)
 
 

@@ -1,11 +1,15 @@
-"""The VAE as a LightningModule: encoder, posterior, decoder and a training objective.
+"""The VAE as a LightningModule: encoder, posterior, decoder, prior and a training objective.
 
-``q(z|x)`` is a pluggable posterior (:mod:`vaelab.posteriors`) fed by the encoder, the prior is
-``p(z) = N(0, I)``, the likelihood ``p(x|z) = Bernoulli(sigmoid(decoder(z)))`` per pixel. The
-training loss is the objective's (:mod:`vaelab.objectives`: the ELBO with beta, KL warm-up and
-free bits, or the IWAE bound); validation and test always log the plain ELBO, so runs trained on
-different objectives compare. Every logged number is in nats per image: ``rec = -log p(x|z)``
-summed over pixels, ``kl`` summed over latent dimensions, both averaged over the batch;
+``q(z|x)`` is a pluggable posterior (:mod:`vaelab.posteriors`) fed by the encoder, ``p(z)`` a
+pluggable prior (:mod:`vaelab.priors`: ``N(0, I)`` by default), the likelihood ``p(x|z) =
+Bernoulli(sigmoid(decoder(z)))`` per pixel. Optional stochastic layers above the first
+(:mod:`vaelab.hierarchy`) make it a hierarchy ``p(z_L) ... p(z_1|z_2) p(x|z_1)`` with ``q(z_1|x)
+... q(z_L|z_{L-1})``; every objective and estimator reads the same three log-densities
+(:meth:`VAE.forward`), so there is one place where a hierarchy's terms are added up. The training
+loss is the objective's (:mod:`vaelab.objectives`: the ELBO with beta, KL warm-up and free bits, or
+the IWAE bound); validation and test always log the plain ELBO, so runs trained on different
+objectives compare. Every logged number is in nats per image: ``rec = -log p(x|z)`` summed over
+pixels, ``kl`` summed over latent dimensions (and layers), both averaged over the batch;
 ``elbo = -(rec + kl)``.
 
 Precision: under ``trainer.precision=bf16-mixed`` the networks run in bfloat16 (autocast), but
@@ -14,17 +18,21 @@ and the log-densities are computed in float32, so logged nats keep float32 resol
 """
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from vaelab.config import ConfigError
+from vaelab.hierarchy import StochasticLayer, check_stack, mean_path
 from vaelab.likelihood import iw_estimates
 from vaelab.objectives import ELBO, LogDensities, bernoulli_log_likelihood, elbo_terms
 from vaelab.optim import Optimization
 from vaelab.posteriors import PosteriorBatch
-from vaelab.posteriors.gaussian import GaussianPosterior, standard_normal_log_density
+from vaelab.posteriors.gaussian import DiagonalGaussian, GaussianPosterior
+from vaelab.priors import NormalPrior
 
 
 def inductor_options(device: torch.device) -> dict:
@@ -39,16 +47,20 @@ def inductor_options(device: torch.device) -> dict:
 
 
 class VAE(Optimization):
-    """A VAE with pluggable networks, posterior and objective.
+    """A VAE with pluggable networks, posterior, prior and objective.
 
     Args:
         encoder: ``x [B, 1, 28, 28] -> (mean, log_var)`` or ``(mean, log_var, context)``, each
-            ``[B, latent_dim]`` (the context ``[B, context_dim]``, for posteriors that use one).
-        decoder: ``z [..., latent_dim] -> logits [..., 1, 28, 28]``.
+            ``[B, D_1]`` (the context ``[B, context_dim]``, for posteriors that use one).
+        decoder: ``z_1 [..., D_1] -> logits [..., 1, 28, 28]``.
         optimizer: a partial optimizer, called with the parameter groups (Adam by default).
-        latent_dim: size of ``z``.
-        posterior: turns the encoder's output into ``q(z|x)`` (default: diagonal Gaussian).
+        latent_dim: size of the top latent layer (``D_1`` without ``layers``), the one the prior
+            scores and the pictures draw.
+        posterior: turns the encoder's output into ``q(z_1|x)`` (default: diagonal Gaussian).
         objective: the training loss from the log-densities (default: the ELBO).
+        prior: ``p(z)`` of the top layer (default: ``N(0, I)``).
+        layers: stochastic layers above the first (:class:`vaelab.hierarchy.StochasticLayer`), bottom
+            first; none gives the one-layer VAE.
         l2: L2 weight decay on weight matrices only (not biases), applied through the
             optimizer's ``weight_decay``; with Adam this is the gradient of the penalty
             ``l2/2 * sum ||W||^2`` (``tf.nn.l2_loss``), which is not part of the logged loss.
@@ -69,14 +81,37 @@ class VAE(Optimization):
         l2: float = 0.0,
         iw_samples_test: int = 0,
         compile: bool = False,
+        prior: nn.Module | None = None,
+        layers: Sequence[StochasticLayer] = (),
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["encoder", "decoder", "optimizer", "posterior", "objective"])
+        self.save_hyperparameters(ignore=["encoder", "decoder", "optimizer", "posterior", "objective", "prior", "layers"])
         self.encoder, self.decoder, self.optimizer = encoder, decoder, optimizer
         self.posterior = posterior if posterior is not None else GaussianPosterior()
         self.objective = objective if objective is not None else ELBO()
+        self.prior = prior if prior is not None else NormalPrior(latent_dim)
+        self.layers = nn.ModuleList(layers)
         self.latent_dim, self.l2, self.iw_samples_test = latent_dim, l2, iw_samples_test
         self.compiled = False
+        self._fixed_prior = None
+        first_dim = getattr(encoder, "sizes", (latent_dim,))[0]
+        check_stack(first_dim, self.layers, latent_dim)
+        self._check_combination()
+
+    def _check_combination(self) -> None:
+        """Refuse, in one line each, the combinations whose maths is not defined here."""
+        gaussian = isinstance(self.posterior, GaussianPosterior)
+        if hasattr(self.prior, "pseudo_inputs") and not gaussian:
+            raise ConfigError("prior=vamp needs a Gaussian posterior, whose density it evaluates at z: use "
+                              "posterior=gaussian (an IAF's density at an arbitrary z means inverting the flow)")
+        if getattr(self.objective, "free_bits", 0) > 0 and (self.layers or not self.prior.factorises):
+            raise ConfigError("free bits clamps the KL of each latent dimension, defined only for one latent layer "
+                              "and a prior that factorises over dimensions: use prior=normal without layers, or "
+                              "model.objective.free_bits=0")
+        if getattr(self.objective, "estimator", "plain") == "dreg" and not gaussian:
+            raise ConfigError("model.objective.estimator=dreg scores log q(z|x) at z with the encoder's weights held "
+                              "fixed, which an IAF gives only by inverting its flow: use posterior=gaussian, or "
+                              "estimator=plain")
 
     def configure_model(self) -> None:
         """``compile=True``: :meth:`compile_forward`, once, for the Trainer's device (the module is
@@ -97,14 +132,45 @@ class VAE(Optimization):
         self.compile(dynamic=False, options={**inductor_options(torch.device(device)), "fallback_random": True})
         self.compiled = True
 
-    def encode(self, x: Tensor) -> PosteriorBatch:
-        """``q(z|x)`` of a batch ``x [B, 1, 28, 28]``."""
+    def posterior_of(self, x: Tensor) -> PosteriorBatch:
+        """``q(z_1|x)`` of a batch ``x [B, 1, 28, 28]`` (the first latent layer)."""
         outputs = [t.to(x.dtype) for t in self.encoder(x)]
         return self.posterior(*outputs)
 
+    def encode(self, x: Tensor) -> PosteriorBatch:
+        """The posterior of the top latent layer for the pictures and diagnostics: ``q(z|x)`` of
+        a one-layer model; for a hierarchy the top layer's Gaussian along the means of the layers
+        below (:func:`vaelab.hierarchy.mean_path`)."""
+        q = self.posterior_of(x)
+        if not self.layers:
+            return q
+        return self.layers[-1].up(mean_path(q.point(), [layer.up for layer in self.layers[:-1]]))
+
     def decode(self, z: Tensor) -> Tensor:
-        """``z [..., latent_dim] -> `` Bernoulli logits ``[..., 1, 28, 28]``."""
+        """``z [..., latent_dim]`` of the top layer ``->`` Bernoulli logits ``[..., 1, 28, 28]``;
+        for a hierarchy through the means of ``p(z_l|z_{l+1})``."""
+        z = mean_path(z, [layer.down for layer in reversed(self.layers)])
         return self.decoder(z).to(z.dtype)
+
+    def prior_distribution(self):
+        """This step's ``p(z)`` (:mod:`vaelab.priors`): VampPrior encodes its pseudo-inputs here, so
+        each call costs one encoder pass over them; :meth:`fixed_prior` reuses one."""
+        return self._fixed_prior if self._fixed_prior is not None else self.prior(self.encode_gaussian)
+
+    def encode_gaussian(self, x: Tensor) -> DiagonalGaussian:
+        """The top layer's Gaussian at images ``x`` (VampPrior's components at its pseudo-inputs)."""
+        return self.encode(x)
+
+    @contextmanager
+    def fixed_prior(self) -> Iterator[None]:
+        """Inside, every :meth:`prior_distribution` is the one computed on entry: for estimates
+        made without gradients over many chunks (:func:`vaelab.likelihood.iw_estimates`)."""
+        with torch.no_grad():
+            self._fixed_prior = self.prior(self.encode_gaussian)
+        try:
+            yield
+        finally:
+            self._fixed_prior = None
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
@@ -112,27 +178,80 @@ class VAE(Optimization):
         return torch.sigmoid(self.decode(self.encode(x).point()))
 
     @torch.no_grad()
+    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` draws of the top layer from the prior: ``[n, latent_dim]``."""
+        return self.prior_distribution().sample(n, generator)
+
+    @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Decoder means of ``n`` draws from the prior: ``[n, 1, 28, 28]``."""
-        z = torch.randn(n, self.latent_dim, generator=generator, device=self.device)
-        return torch.sigmoid(self.decode(z))
+        return torch.sigmoid(self.decode(self.sample_latents(n, generator)))
 
-    def forward(self, x: Tensor, n_samples: int = 1) -> LogDensities:
-        """The log-densities at ``n_samples`` draws ``z ~ q(z|x)`` per image."""
-        q = self.encode(x)
-        z, log_qz = q.rsample(n_samples)
-        log_px_z = bernoulli_log_likelihood(self.decode(z), x)
-        return LogDensities(log_px_z, standard_normal_log_density(z), log_qz, q.kl())
+    @torch.no_grad()
+    def prior_icdf(self, probs: Tensor) -> Tensor:
+        """The prior's marginal quantiles of each top-layer dimension at ``probs [P]``: ``[P, latent_dim]``."""
+        return self.prior_distribution().icdf(probs)
+
+    def kl_per_dimension(self, q: PosteriorBatch, mc_samples: int = 100) -> Tensor | None:
+        """``KL(q(z|x) || p(z))`` per dimension of a one-layer model, ``[B, D]``: closed form where
+        there is one, else a Monte Carlo estimate with ``mc_samples`` draws; None where ``p(z)``
+        does not factorise over dimensions or the model has layers above the first."""
+        p = self.prior_distribution()
+        if self.layers or not self.prior.factorises:
+            return None
+        kl = p.kl(q)
+        if kl is None:
+            z, log_q = q.rsample(mc_samples)
+            kl = (log_q - p.log_prob_dims(z)).mean(0)
+        return kl
+
+    def forward(self, x: Tensor, n_samples: int = 1, detach_posterior: bool = False) -> LogDensities:
+        """The log-densities at ``n_samples`` draws ``z ~ q(z|x)`` per image.
+
+        ``detach_posterior`` (DReG): ``log q`` is scored at the samples with the posterior's
+        weights cut from the graph, and the samples are returned as ``latents``, the tensors
+        through which the objective reweights the gradient."""
+        q = self.posterior_of(x)
+        z, log_q_dims = q.rsample(n_samples)
+        if detach_posterior:
+            z = z.clone()  # the uses of z below: DReG's hooks act on these, not on the sampling path
+            log_q_dims = q.detached().log_prob_dims(z)
+        latents, log_qz = [z], log_q_dims.sum(-1)
+        for layer in self.layers:  # q(z_{l+1} | z_l): one draw per sample of the layer below
+            above, log_q_above = layer.up(latents[-1]).rsample(1)
+            above = above[0]
+            if detach_posterior:
+                above = above.clone()
+                log_q_above = layer.up.detached(latents[-1]).log_prob_dims(above)
+            log_qz = log_qz + log_q_above.sum(-1).reshape(log_qz.shape)
+            latents.append(above)
+        p = self.prior_distribution()
+        log_pz = p.log_prob(latents[-1])
+        for layer, below, above in zip(self.layers, latents[:-1], latents[1:], strict=True):
+            log_pz = log_pz + layer.down(above).log_prob_dims(below).sum(-1)
+        log_px_z = bernoulli_log_likelihood(self.decoder(latents[0]).to(x.dtype), x)
+        kl = None
+        if not self.layers and self.prior.factorises:
+            kl = p.kl(q)
+            if kl is None:
+                kl = (log_q_dims - p.log_prob_dims(z)).mean(0)
+        return LogDensities(log_px_z, log_pz, log_qz, kl, tuple(latents) if detach_posterior else ())
 
     def log_densities(self, x: Tensor, n_samples: int) -> tuple[Tensor, Tensor, Tensor]:
         """``(log p(x|z), log p(z), log q(z|x))``, each ``[n_samples, B]``, at ``n_samples`` draws
         ``z ~ q(z|x)`` per image: all that :mod:`vaelab.likelihood` asks of a model."""
         d = self(x, n_samples)
-        return d.log_px_z, d.log_pz.sum(-1), d.log_qz.sum(-1)
+        return d.log_px_z, d.log_pz, d.log_qz
+
+    def on_fit_start(self) -> None:
+        """``prior.init=data`` (VampPrior): pseudo-inputs from the training images, at step 0 only."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(self.prior, "initialise_from") and self.trainer.global_step == 0 and datamodule is not None:
+            self.prior.initialise_from(datamodule.splits["train"][0])
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, _ = batch
-        d = self(x, self.objective.n_samples)
+        d = self(x, self.objective.n_samples, getattr(self.objective, "estimator", "plain") == "dreg")
         loss = self.objective(d, self.global_step)
         if self._logs_this_step():
             self._log_elbo(d, "train", len(x))

@@ -40,7 +40,7 @@ def visualize(cfg: DictConfig) -> list[Path]:
         return [out_dir / "samples.png"]
 
     latent_dim = model.latent_dim
-    z = torch.randn(cfg.n_samples, latent_dim, generator=torch.Generator().manual_seed(cfg.seed))
+    z = model.sample_latents(cfg.n_samples, generator=torch.Generator().manual_seed(cfg.seed))
     if cfg.dims is None:
         dims = plots.most_active_dims(plots.encode_means(model, x[: cfg.n_points]))
     else:

@@ -108,7 +108,7 @@ class Reconstructions(Pictures):
 
 
 class PriorSamples(Pictures):
-    """``n`` decoded draws z ~ N(0, I), the same draws (``seed``) every time, ``nrow`` per row."""
+    """``n`` decoded draws z ~ p(z), the same noise (``seed``) every time, ``nrow`` per row."""
 
     name = "prior_samples"
 
@@ -117,7 +117,7 @@ class PriorSamples(Pictures):
         self.n, self.nrow, self.seed = n, nrow, seed
 
     def draw(self, pl_module: LightningModule, early: bool) -> Tensor:
-        z = torch.randn(self.n, pl_module.latent_dim, generator=torch.Generator().manual_seed(self.seed))
+        z = pl_module.sample_latents(self.n, generator=torch.Generator().manual_seed(self.seed))
         return plots.prior_samples(pl_module, z, self.nrow)
 
 
@@ -141,11 +141,12 @@ class LatentScatter(Pictures):
 
 
 class LatentManifold(Pictures):
-    """Decoded ``n x n`` grid of latent points over two dimensions, the rest held at 0.
+    """Decoded ``n x n`` grid of latent points over two dimensions, the rest held fixed.
 
     Args:
-        spacing: ``quantile`` (evenly spaced prior quantiles from ``quantile`` to
-            ``1 - quantile``) or ``linear`` (``[-bound, bound]``).
+        spacing: ``quantile`` (evenly spaced quantiles of the prior's marginal in each of the two
+            dimensions, from ``quantile`` to ``1 - quantile``, the other dimensions at their
+            marginal medians) or ``linear`` (``[-bound, bound]``, the rest at 0).
         dims: the two dimensions to vary; default (null) the two whose posterior means vary
             most over the first ``n_points`` test images (0 and 1 for latent_dim = 2).
         gif: at the end of training, write the snapshots as ``manifold_evolution.gif``.

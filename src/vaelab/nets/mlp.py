@@ -12,6 +12,7 @@ from math import prod
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vaelab.config import ConfigError
 from vaelab.fastmath import ELU
 
 
@@ -29,9 +30,17 @@ class DropConnectLinear(nn.Linear):
         return F.linear(x, F.dropout(self.weight, self.p, self.training), self.bias)
 
 
-def mlp(sizes: Sequence[int], dropout: float = 0.0, weight_dropout: float = 0.0) -> nn.Sequential:
-    """Linear layers of the given sizes with ELU (and dropout) between them, none after the last;
-    ``weight_dropout > 0`` makes every layer a :class:`DropConnectLinear`."""
+ACTIVATIONS = {"elu": ELU, "tanh": nn.Tanh}
+
+
+def mlp(
+    sizes: Sequence[int], dropout: float = 0.0, weight_dropout: float = 0.0, activation: str = "elu"
+) -> nn.Sequential:
+    """Linear layers of the given sizes with ``activation`` (``elu`` or ``tanh``; and dropout)
+    between them, none after the last; ``weight_dropout > 0`` makes every layer a
+    :class:`DropConnectLinear`."""
+    if activation not in ACTIVATIONS:
+        raise ConfigError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         if weight_dropout > 0:
@@ -39,7 +48,7 @@ def mlp(sizes: Sequence[int], dropout: float = 0.0, weight_dropout: float = 0.0)
         else:
             layers.append(nn.Linear(n_in, n_out))
         if i < len(sizes) - 2:
-            layers.append(ELU())
+            layers.append(ACTIVATIONS[activation]())
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)
@@ -68,6 +77,7 @@ class MLPEncoder(nn.Module):
         image_shape: Sequence[int] = (1, 28, 28),
         weight_dropout: float = 0.0,
         context_dim: int = 0,
+        activation: str = "elu",
     ) -> None:
         super().__init__()
         _check(latent_dim, hidden_dims, dropout, weight_dropout)
@@ -75,7 +85,7 @@ class MLPEncoder(nn.Module):
             raise ValueError(f"context_dim must be >= 0, got {context_dim}")
         self.image_dims = len(image_shape)
         self.sizes = (latent_dim, latent_dim, context_dim)
-        self.net = mlp([prod(image_shape), *hidden_dims, sum(self.sizes)], dropout, weight_dropout)
+        self.net = mlp([prod(image_shape), *hidden_dims, sum(self.sizes)], dropout, weight_dropout, activation)
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         h = self.net(x.flatten(start_dim=-self.image_dims))
@@ -97,12 +107,13 @@ class MLPDecoder(nn.Module):
         dropout: float = 0.0,
         image_shape: Sequence[int] = (1, 28, 28),
         weight_dropout: float = 0.0,
+        activation: str = "elu",
     ) -> None:
         super().__init__()
         _check(latent_dim, hidden_dims, dropout, weight_dropout)
         self.image_shape = tuple(image_shape)
         sizes = [latent_dim, *reversed(hidden_dims), prod(image_shape)]
-        self.net = mlp(sizes, dropout, weight_dropout)
+        self.net = mlp(sizes, dropout, weight_dropout, activation)
 
     def forward(self, z: Tensor) -> Tensor:
         logits = self.net(z)

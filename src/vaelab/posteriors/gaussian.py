@@ -32,6 +32,14 @@ class DiagonalGaussian:
         z = self.mean + (0.5 * self.log_var).exp() * eps
         return z, standard_normal_log_density(eps) - 0.5 * self.log_var
 
+    def log_prob_dims(self, z: Tensor) -> Tensor:
+        """``log N(z; mean, exp(log_var))`` per dimension, ``z [..., B, D] -> [..., B, D]``."""
+        return standard_normal_log_density((z - self.mean) * (-0.5 * self.log_var).exp()) - 0.5 * self.log_var
+
+    def detached(self) -> "DiagonalGaussian":
+        """The same distribution with its parameters cut from the graph (DReG scores ``z`` so)."""
+        return DiagonalGaussian(self.mean.detach(), self.log_var.detach())
+
     def point(self) -> Tensor:
         return self.mean
 
