@@ -64,6 +64,11 @@ def validate(cfg: DictConfig) -> None:
     has_latents = "latent_dim" in cfg.model  # a density model without latent variables (model=made) has none
     if has_latents and (not _is_int(latent_dim) or latent_dim <= 0):
         raise ConfigError(f"latent_dim must be a positive integer (e.g. latent_dim=2), got {latent_dim!r}")
+    prior = OmegaConf.select(cfg, "model.prior._target_")
+    if prior and "encoder" not in cfg.model:
+        name = prior.rsplit(".", 1)[-1]
+        raise ConfigError(f"{name} is a prior over latent variables, and {cfg.model._target_} has no encoder "
+                          "or latent variables: use a VAE (model=mlp, model=conv), or drop the prior")
     for path, p in _walk(cfg.model, "dropout"):
         if not _is_number(p) or not 0 <= p < 1:
             raise ConfigError(f"dropout must be in [0, 1) (e.g. dropout=0.1), got {p!r} at model.{path}")

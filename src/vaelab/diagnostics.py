@@ -13,7 +13,6 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-
 ACTIVE_THRESHOLD = 0.01
 
 

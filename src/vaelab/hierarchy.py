@@ -52,7 +52,8 @@ class StochasticLayer(nn.Module):
         widths = {"below_dim": below_dim, "latent_dim": latent_dim}
         for name, width in [*widths.items(), *(("hidden_dims", h) for h in hidden_dims)]:
             if not (isinstance(width, int) and width >= 1):
-                raise ConfigError(f"model.layers: {name} must be positive integers (a layer needs width), got {width!r}")
+                raise ConfigError(f"model.layers: each {name} must be a positive integer (a layer needs width), "
+                                  f"got {width}")
         self.below_dim, self.latent_dim = below_dim, latent_dim
         self.up = GaussianLayer(below_dim, latent_dim, hidden_dims, activation)
         self.down = GaussianLayer(latent_dim, below_dim, list(reversed(hidden_dims)), activation)

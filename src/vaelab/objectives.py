@@ -84,11 +84,17 @@ class ELBO:
         free_bits: nats per latent dimension (Kingma et al., 2016): each dimension's KL, averaged
             over the batch, is clamped from below at this value before the sum, so a dimension
             pays nothing for carrying up to ``free_bits`` nats; 0 turns it off.
+        estimator: ``plain`` only (the key is here so that ``estimator=dreg`` gets a clear refusal).
     """
 
     n_samples = 1
 
-    def __init__(self, beta: float = 1.0, kl_warmup_steps: int = 0, free_bits: float = 0.0) -> None:
+    def __init__(
+        self, beta: float = 1.0, kl_warmup_steps: int = 0, free_bits: float = 0.0, estimator: str = "plain"
+    ) -> None:
+        if estimator != "plain":
+            raise ConfigError(f"model.objective.estimator={estimator} is for objective=iwae (with k=1 DReG is the "
+                              "ELBO's sticking-the-landing gradient): use objective=iwae, or estimator=plain")
         if not beta >= 0:
             raise ConfigError(f"model.objective.beta must be >= 0, got {beta}")
         if not (isinstance(kl_warmup_steps, int) and kl_warmup_steps >= 0):
@@ -136,7 +142,8 @@ class IWAE:
         if not (isinstance(k, int) and k >= 1):
             raise ConfigError(f"model.objective.k must be a positive integer (samples per image), got {k}")
         if estimator not in self.ESTIMATORS:
-            raise ConfigError(f"model.objective.estimator must be one of {', '.join(self.ESTIMATORS)}, got {estimator!r}")
+            choices = ", ".join(self.ESTIMATORS)
+            raise ConfigError(f"model.objective.estimator must be one of {choices}, got {estimator!r}")
         self.n_samples, self.estimator = k, estimator
 
     def __call__(self, d: LogDensities, step: int) -> Tensor:

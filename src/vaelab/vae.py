@@ -85,7 +85,8 @@ class VAE(Optimization):
         layers: Sequence[StochasticLayer] = (),
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["encoder", "decoder", "optimizer", "posterior", "objective", "prior", "layers"])
+        modules = ["encoder", "decoder", "optimizer", "posterior", "objective", "prior", "layers"]
+        self.save_hyperparameters(ignore=modules)
         self.encoder, self.decoder, self.optimizer = encoder, decoder, optimizer
         self.posterior = posterior if posterior is not None else GaussianPosterior()
         self.objective = objective if objective is not None else ELBO()

@@ -56,9 +56,9 @@ def mlp(
 
 def _check(latent_dim: int, hidden_dims: Sequence[int], dropout: float, weight_dropout: float):
     if latent_dim <= 0:
-        raise ValueError(f"latent_dim must be positive, got {latent_dim}")
+        raise ConfigError(f"the networks' latent_dim must be positive, got {latent_dim}")
     if any(h <= 0 for h in hidden_dims):
-        raise ValueError(f"hidden_dims must be positive, got {list(hidden_dims)}")
+        raise ConfigError(f"the networks' hidden_dims must be positive, got {list(hidden_dims)}")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if not 0 <= weight_dropout < 1:
