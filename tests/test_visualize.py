@@ -100,3 +100,16 @@ def test_a_made_checkpoint_gets_its_samples(make_cfg, tmp_path):
     first, second = (torch.tensor(list(Image.open(p[0]).convert("L").getdata())) for p in paths)
     assert torch.equal(first, second)  # repeatable
     assert {0, 255} <= set(first.unique().tolist()) <= {0, 128, 255}  # binary samples on a grey grid
+
+
+def test_a_learned_prior_and_a_hierarchy_get_every_picture(make_cfg, tmp_path):
+    """Prior samples, the manifold's quantile grid and the rest go through the model's prior: a
+    mixture on the top layer of a two-layer model."""
+    overrides = ("model=mlp_2layer", "model.encoder.latent_dim=4", "model.layers.0.hidden_dims=[8]", "prior=mog",
+                 "model.prior.components=3", "latent_dim=2", "logger=none", "callbacks=none")
+    metrics = train(make_cfg(*overrides))
+    ckpt = Path(metrics["best_checkpoint"])
+    paths = visualize(visualize_cfg(ckpt_path=str(ckpt), out_dir=str(tmp_path / "images"), grid=5))
+    assert sorted(p.stem for p in paths) == sorted(NAMES)
+    model = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert "prior.means" in model and "layers.0.up.net.0.weight" in model

@@ -43,9 +43,6 @@ class DiagonalGaussian:
     def point(self) -> Tensor:
         return self.mean
 
-    def kl(self) -> Tensor:
-        return kl_normal(self.mean, self.log_var)
-
 
 class GaussianPosterior(nn.Module):
     """The encoder's ``(mean, log_var)`` as a :class:`DiagonalGaussian` (no weights of its own;

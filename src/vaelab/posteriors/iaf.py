@@ -97,7 +97,3 @@ class IAFDistribution:
     def point(self) -> Tensor:
         """The flow applied at ``eps = 0`` (``z_0 = mean``): ``[B, D]``."""
         return self.posterior.flow(self.mean, self.context)[0]
-
-    def kl(self) -> None:
-        """No closed form: the objectives use the Monte Carlo KL ``log q(z|x) - log p(z)``."""
-        return None
