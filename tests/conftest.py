@@ -114,11 +114,14 @@ def make_cfg(fake_root: Path, tmp_path: Path) -> Callable[..., DictConfig]:
     GlobalHydra.instance().clear()
 
 
-def run_cli(*args: str, cwd: Path, module: str = "vaelab.train", timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m <module> args...`` as a user would, capturing its output."""
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+def run_cli(*args: str, cwd: Path, module: str = "vaelab.train", timeout: int = 300,
+            env: dict[str, str] | None = None, preexec_fn: Callable[[], None] | None = None
+            ) -> subprocess.CompletedProcess:
+    """Run ``python -m <module> args...`` as a user would, capturing its output; ``env`` adds
+    variables, ``preexec_fn`` runs in the child before it starts (e.g. to limit its resources)."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, text=True,
-                          capture_output=True, timeout=timeout)
+                          capture_output=True, timeout=timeout, preexec_fn=preexec_fn)
 
 
 class TerminateInLastTestBatch(pl.Callback):

@@ -40,6 +40,7 @@ from vaelab.checkpoint import (
     read_checkpoint,
     resolve_ckpt_path,
 )
+from vaelab.checkpoint_io import CheckpointSaveError
 from vaelab.config import ConfigError, instantiate, validate
 
 log = logging.getLogger(__name__)
@@ -224,7 +225,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns ``optimized_metric`` for sweepers such as Optuna.
 
-    A single run stops on a config mistake (exit status 2) or a NaN loss (1) with one line. A job
+    A single run stops on a config mistake (exit status 2), a NaN loss or a checkpoint it could not
+    write, e.g. on a full disk (1), with one line. A job
     of a sweep (``-m``) that fails for any reason writes ``error.txt`` into its directory and
     returns None, so the sweep goes on (Optuna records a failed trial) and ``vaelab.report``
     shows the job as failed.
@@ -235,7 +237,7 @@ def main(cfg: DictConfig) -> float | None:
     except SIGTERMException:  # a SystemExit with status 0: stop the run, and a sweep, with the usual 143
         sys.exit(128 + signal.SIGTERM)
     except Exception as err:
-        if not sweep_job and not isinstance(err, ConfigError | FloatingPointError):
+        if not sweep_job and not isinstance(err, ConfigError | FloatingPointError | CheckpointSaveError):
             raise
         if not sweep_job:
             if isinstance(err, ConfigError):
