@@ -132,3 +132,15 @@ class TerminateInLastTestBatch(pl.Callback):
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if batch_idx == trainer.num_test_batches[0] - 1:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class TerminateInJob(TerminateInLastTestBatch):
+    """:class:`TerminateInLastTestBatch` in sweep job number ``job`` only (``hydra.job.num``):
+    ``+callbacks.terminate._target_=conftest.TerminateInJob +callbacks.terminate.job=2``."""
+
+    def __init__(self, job: int) -> None:
+        self.job = job
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if HydraConfig.get().job.num == self.job:
+            super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
