@@ -114,11 +114,14 @@ def make_cfg(fake_root: Path, tmp_path: Path) -> Callable[..., DictConfig]:
     GlobalHydra.instance().clear()
 
 
-def run_cli(*args: str, cwd: Path, module: str = "vaelab.train", timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m <module> args...`` as a user would, capturing its output."""
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+def run_cli(*args: str, cwd: Path, module: str = "vaelab.train", timeout: int = 300,
+            env: dict[str, str] | None = None, preexec_fn: Callable[[], None] | None = None
+            ) -> subprocess.CompletedProcess:
+    """Run ``python -m <module> args...`` as a user would, capturing its output; ``env`` adds
+    variables, ``preexec_fn`` runs in the child before it starts (e.g. to limit its resources)."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, text=True,
-                          capture_output=True, timeout=timeout)
+                          capture_output=True, timeout=timeout, preexec_fn=preexec_fn)
 
 
 class TerminateInLastTestBatch(pl.Callback):
@@ -129,3 +132,15 @@ class TerminateInLastTestBatch(pl.Callback):
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if batch_idx == trainer.num_test_batches[0] - 1:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class TerminateInJob(TerminateInLastTestBatch):
+    """:class:`TerminateInLastTestBatch` in sweep job number ``job`` only (``hydra.job.num``):
+    ``+callbacks.terminate._target_=conftest.TerminateInJob +callbacks.terminate.job=2``."""
+
+    def __init__(self, job: int) -> None:
+        self.job = job
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if HydraConfig.get().job.num == self.job:
+            super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import N_TEST, N_TRAIN, VAL_SIZE, fake_images
+from conftest import N_TEST, N_TRAIN, VAL_SIZE, fake_images, make_fake_root
 
 from vaelab.config import ConfigError
 from vaelab.data import DATASETS, MNISTDataModule, bernoulli, rank_seed
@@ -145,12 +145,13 @@ def test_fashion_mnist_through_the_same_code(fake_root):
 def test_the_files_are_read_once_however_often_lightning_prepares(fake_root, monkeypatch):
     """``vaelab.train`` prepares the data once and Lightning again for fit, validate and test."""
     reads = []
-    original = DATASETS["mnist"]
-    def counting(*args, **kwargs):
-        reads.append(kwargs["train"])
-        return original(*args, **kwargs)
 
-    monkeypatch.setitem(DATASETS, "mnist", counting)
+    class MNIST(DATASETS["mnist"]):  # torchvision's folder is named after the class
+        def __init__(self, *args, **kwargs):
+            reads.append(kwargs["train"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setitem(DATASETS, "mnist", MNIST)
     dm = MNISTDataModule(root=str(fake_root), val_size=VAL_SIZE)
     for _ in range(4):
         dm.prepare_data()
@@ -170,6 +171,55 @@ def test_missing_data_without_network_says_where_to_put_the_files(tmp_path, monk
     message = str(err.value)
     assert "\n" not in message
     assert str(tmp_path / "nowhere" / "MNIST" / "raw") in message and "train-images-idx3-ubyte.gz" in message
+
+
+def test_an_empty_error_message_from_the_downloader_still_makes_a_message(tmp_path, monkeypatch):
+    def offline(self):
+        raise RuntimeError("")
+
+    monkeypatch.setattr(DATASETS["mnist"], "download", offline)
+    with pytest.raises(ConfigError, match=r"could not be downloaded \(RuntimeError\)\. Put the four"):
+        MNISTDataModule(root=str(tmp_path / "nowhere")).prepare_data()
+
+
+HTML = b"<!DOCTYPE html>\n<html><body>503 Service Unavailable</body></html>\n"
+
+
+@pytest.mark.parametrize(
+    "name, damage, problem",
+    [
+        ("train-images-idx3-ubyte", lambda data: HTML, "it is not an IDX file: it begins b'<!DOCTYPE html>\\n'"),
+        ("t10k-images-idx3-ubyte", lambda data: data[:5000],
+         f"it is truncated: 5000 bytes where its header's {N_TEST}x28x28 bytes make {16 + N_TEST * 784}"),
+        ("train-labels-idx1-ubyte", lambda data: data + b"\0", f"it is too long: {9 + N_TRAIN} bytes"),
+        ("t10k-labels-idx1-ubyte", lambda data: b"\0\0\x08\x03" + data[4:],
+         "its magic number 00000803 is not 00000801 (unsigned bytes, 1 dimension)"),
+        ("train-images-idx3-ubyte", lambda data: b"\0\0\x0d\x03" + data[4:], "its magic number 00000d03"),
+        ("train-labels-idx1-ubyte", lambda data: b"", "it is empty"),
+    ],
+)
+def test_a_damaged_file_is_named_with_what_is_wrong_and_how_to_get_a_good_one(tmp_path, name, damage, problem):
+    path = make_fake_root(tmp_path) / "MNIST" / "raw" / name
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ConfigError) as err:
+        MNISTDataModule(root=str(tmp_path)).prepare_data()  # download=True: a file that exists is not fetched
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path} is damaged ({problem}")
+    assert message.endswith(f"delete it and run again with data.download=true to download it anew, or replace "
+                            f"it with the gunzipped https://ossci-datasets.s3.amazonaws.com/mnist/{name}.gz")
+
+
+def test_a_reader_error_without_a_message_names_the_data_and_the_error(tmp_path, monkeypatch):
+    class MNIST(DATASETS["mnist"]):
+        def __init__(self, *args, **kwargs):
+            raise AssertionError  # what torchvision's reader raises on a file it cannot parse
+
+    make_fake_root(tmp_path)
+    monkeypatch.setitem(DATASETS, "mnist", MNIST)
+    with pytest.raises(ConfigError) as err:
+        MNISTDataModule(root=str(tmp_path)).prepare_data()
+    assert str(err.value) == f"MNIST under {tmp_path / 'MNIST' / 'raw'} could not be read: AssertionError"
 
 
 @pytest.mark.parametrize("kwargs", [{"binarize": "maybe"}, {"dataset": "cifar"}])

@@ -1,13 +1,16 @@
-"""Sweeps end to end on the tiny data set: a grid, an Optuna search, parallel and submitit
-launchers; a failing job (bad config, NaN loss) is recorded and the others go on."""
+"""Sweeps end to end on the tiny data set: a grid, an Optuna search (continued, shared), parallel
+and submitit launchers; a failing job (bad config, NaN loss) is recorded and the others go on."""
 
 import csv
 import json
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
 
+import optuna
 import pytest
 import yaml
 from conftest import TINY
@@ -62,6 +65,49 @@ def test_optuna_search_three_trials(fake_root, tmp_path):
     assert len({t["lr"] for t in trials}) == 3
     best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     assert best["best_value"] == pytest.approx(max(metrics(j)["val/elbo"] for j in jobs))  # the best bound
+
+
+def study(sweep_dir: Path, name: str = "mlp") -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{sweep_dir}/optuna.db").trials
+
+
+def test_an_optuna_search_stopped_after_two_trials_continues_when_run_again(fake_root, tmp_path):
+    search = ["hparams_search=optuna", "hydra.sweeper.n_trials=4"]
+    with pytest.raises(SystemExit):  # stopped (SIGTERM) in its third trial
+        sweep(tmp_path, fake_root, *search, "+callbacks.terminate._target_=conftest.TerminateInJob",
+              "+callbacks.terminate.job=2")
+    assert [t.state.name for t in study(tmp_path)] == ["COMPLETE", "COMPLETE", "RUNNING"]  # the killed one
+
+    jobs = sweep(tmp_path, fake_root, *search)  # the same search again: two more trials, 4 in all
+    trials = study(tmp_path)
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "RUNNING", "COMPLETE", "COMPLETE"]
+    assert [j.name for j in jobs] == ["0", "1", "2", "3", "4"]  # each trial in its own directory
+    for trial in trials[:2] + trials[3:]:
+        assert metrics(jobs[trial.number])["val/elbo"] == pytest.approx(trial.value)
+    assert len({t.params["lr"] for t in trials}) == 5  # the rerun did not draw the first trials again
+
+    sweep(tmp_path, fake_root, *search)  # done: no trial more
+    assert len(study(tmp_path)) == 5
+
+
+@pytest.mark.slow
+def test_two_launches_share_one_study_and_never_run_the_same_trial(fake_root, tmp_path):
+    """Two processes, as on two machines sharing the sweep directory: the study ends with
+    n_trials (one more at most: a launch asks for its next trial before it sees the other's last)."""
+    command = [sys.executable, "-m", "vaelab.train", "hparams_search=optuna", "hydra.sweeper.n_trials=6",
+               f"data.root={fake_root}", *FAST, f"hydra.sweep.dir={tmp_path}"]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+    launches = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True) for _ in range(2)]
+    logs = [launch.communicate(timeout=600)[0] for launch in launches]
+    assert [launch.returncode for launch in launches] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    ran = [set(map(int, re.findall(r"\t#(\d+) : ", log))) for log in logs]  # "#<trial number> : lr=..."
+    trials = study(tmp_path)
+    assert ran[0] and ran[1] and not ran[0] & ran[1] and ran[0] | ran[1] == {t.number for t in trials}
+    assert 6 <= len(trials) <= 7 and all(t.state.name == "COMPLETE" for t in trials)
+    for trial in trials:  # each trial's job in its own directory, with that trial's values
+        overrides = yaml.safe_load((tmp_path / str(trial.number) / ".hydra" / "overrides.yaml").read_text())
+        assert f"lr={trial.params['lr']}" in overrides
 
 
 def test_joblib_runs_jobs_in_parallel_and_survives_a_nan(fake_root, tmp_path):

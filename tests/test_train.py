@@ -10,14 +10,15 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import TerminateInLastTestBatch
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.plugins.hparams.backend_context import _sort_and_reduce_to_hparams_limit
 
 from vaelab.checkpoint import CONFIG_KEY, check_same_settings, load_model
 from vaelab.config import ConfigError
-from vaelab.train import train
+from vaelab.train import SHOWN_FIRST, hyperparameters, train
 
 STEPS_PER_EPOCH = 7  # ceil((240 - 40) / 32)
 
@@ -51,6 +52,16 @@ def hparams(run) -> dict:
     return {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
 
 
+def hparams_columns(run) -> tuple[list[str], list[str]]:
+    """The HParams tab's hyperparameter columns in the order TensorBoard's backend gives them to
+    the page (which checks the first five), and its metric columns."""
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    content = events.PluginTagToContent("hparams")["_hparams_/experiment"]
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content).experiment
+    _sort_and_reduce_to_hparams_limit(experiment)
+    return [h.name for h in experiment.hparam_infos], [m.name.tag for m in experiment.metric_infos]
+
+
 def test_hparams_tab_lists_the_sweep_keys(make_cfg, tmp_path):
     train(make_cfg("latent_dim=4", "lr=0.002", "dropout=0.1", "l2=1e-5", "batch_size=40", "seed=3",
                    "callbacks=model_checkpoint"))
@@ -59,6 +70,21 @@ def test_hparams_tab_lists_the_sweep_keys(make_cfg, tmp_path):
         {"latent_dim": 4, "lr": 0.002, "dropout": 0.1, "l2": 1e-5, "batch_size": 40, "seed": 3})
     assert shown["binarize"] == "dynamic" and shown["encoder"] == "MLPEncoder"
     assert not any("/" in key for key in shown)  # no buried model/encoder/... keys
+    columns, metrics = hparams_columns(tmp_path / "run")
+    assert columns[:7] == ["beta", "dropout", "l2", "latent_dim", "lr", "objective", "posterior"]
+    assert sorted(columns[7:]) == columns[7:] and set(columns) == set(shown)
+    assert metrics == ["final/val/elbo", "final/test/nll"]
+
+
+def test_hparams_name_the_prior_and_likelihood_classes_when_the_model_has_them(make_cfg):
+    cfg = make_cfg()
+    assert "prior" not in hyperparameters(cfg) and "likelihood" not in hyperparameters(cfg)
+    with open_dict(cfg):
+        cfg.model.prior = {"_target_": "vaelab.priors.MixturePrior"}
+        cfg.model.likelihood = {"_target_": "vaelab.likelihood.Bernoulli"}
+    params = hyperparameters(cfg)
+    assert (params["prior"], params["likelihood"]) == ("MixturePrior", "Bernoulli")
+    assert {"prior", "likelihood"} <= set(SHOWN_FIRST)
 
 
 def test_same_seed_same_numbers(make_cfg, tmp_path):

@@ -104,6 +104,48 @@ def resident_loader(dataset: Dataset, batch_size: int, sampler: Sampler | None, 
     return DataLoader(dataset, batch_size, sampler=sampler, collate_fn=whole_batch, generator=_seeded(seed))
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's first line, or its type's name when its message is empty (a bare assert)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def idx_problem(path: Path, ndim: int) -> str | None:
+    """What is wrong with an IDX file of unsigned bytes with ``ndim`` dimensions (MNIST's format:
+    two zero bytes, type 0x08, ``ndim``, then ``ndim`` big-endian sizes, then the data), or None."""
+    with path.open("rb") as f:
+        head = f.read(4 + 4 * ndim)
+    if not head:
+        return "it is empty"
+    if len(head) < 4 or head[:2] != b"\0\0":
+        return f"it is not an IDX file: it begins {head[:16]!r}"
+    if head[2] != 0x08 or head[3] != ndim:
+        dims = f"{ndim} dimension{'s' if ndim > 1 else ''}"
+        return f"its magic number {head[:4].hex()} is not 0000080{ndim} (unsigned bytes, {dims})"
+    if len(head) < 4 + 4 * ndim:
+        return f"it is truncated: {len(head)} bytes, shorter than its header"
+    sizes = [int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    expected, actual = len(head) + int(np.prod(sizes)), path.stat().st_size
+    if actual != expected:
+        shape = "x".join(map(str, sizes))
+        how = "truncated" if actual < expected else "too long"
+        return f"it is {how}: {actual} bytes where its header's {shape} bytes make {expected}"
+    return None
+
+
+def check_idx_files(cls: type, raw: Path) -> None:
+    """Raise :class:`ConfigError` naming the first of ``cls``'s IDX files in ``raw`` that exists
+    but cannot be parsed, and how to get a good copy; absent files are left to the reader."""
+    for url, _ in cls.resources:
+        path = raw / Path(url).stem  # train-images-idx3-ubyte.gz -> train-images-idx3-ubyte
+        problem = idx_problem(path, ndim=3 if "images" in path.name else 1) if path.is_file() else None
+        if problem:
+            raise ConfigError(
+                f"{path} is damaged ({problem}); delete it and run again with data.download=true to "
+                f"download it anew, or replace it with the gunzipped {cls.mirrors[0]}{Path(url).name}"
+            )
+
+
 class MNISTDataModule(pl.LightningDataModule):
     """MNIST or Fashion-MNIST: 60k training images split (seeded, fixed) into train and
     validation, and the 10k test images. Batches are ``(x [B, 1, 28, 28], y [B])``.
@@ -163,12 +205,16 @@ class MNISTDataModule(pl.LightningDataModule):
         if train in self.files:
             return self.files[train]
         cls = DATASETS[self.dataset]
+        raw = self.root / cls.__name__ / "raw"
+        check_idx_files(cls, raw)  # torchvision's reader fails on a bad file with a bare assert
         try:
             ds = cls(str(self.root), train=train, download=self.download)
         except Exception as err:  # torchvision raises RuntimeError / URLError without network
-            raw = self.root / cls.__name__ / "raw"
+            check_idx_files(cls, raw)  # what a download left
+            if all((raw / Path(url).stem).is_file() for url, _ in cls.resources):
+                raise ConfigError(f"{cls.__name__} under {raw} could not be read: {first_line(err)}") from err
             files = ", ".join(Path(url).name for url, _ in cls.resources)
-            why = f" and could not be downloaded ({str(err).strip().splitlines()[0]})" if self.download else ""
+            why = f" and could not be downloaded ({first_line(err)})" if self.download else ""
             raise ConfigError(
                 f"{cls.__name__} is not under {raw}{why}. Put the four IDX files ({files}) in "
                 f"{raw}/, or set data.root (or $VAELAB_DATA) to the folder that holds {cls.__name__}/raw/."

@@ -29,6 +29,8 @@ from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from vaelab import config_dir
 from vaelab.callbacks.distributed import ProcessGroupTeardown, RankSeed, TrainingProgress
@@ -40,6 +42,7 @@ from vaelab.checkpoint import (
     read_checkpoint,
     resolve_ckpt_path,
 )
+from vaelab.checkpoint_io import CheckpointSaveError
 from vaelab.config import ConfigError, instantiate, validate
 
 log = logging.getLogger(__name__)
@@ -119,7 +122,11 @@ HPARAMS = {
     "binarize": ("data.binarize",),
     "dataset": ("data.dataset",),
 }
-CLASS_HPARAMS = ("encoder", "decoder", "posterior", "objective")  # their class names, e.g. posterior: IAF
+# their class names, e.g. posterior: IAF (prior and likelihood where the model config has them)
+CLASS_HPARAMS = ("encoder", "decoder", "posterior", "objective", "prior", "likelihood")
+# The HParams tab lists first, and checks the first five of, the columns marked as differing across
+# runs, each group by name; without marks its first five were batch_size, beta, binarize, dataset, decoder.
+SHOWN_FIRST = ("latent_dim", "lr", "dropout", "l2", "beta", "posterior", "objective", "prior", "likelihood")
 
 
 def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
@@ -136,6 +143,19 @@ def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
         if target:
             params[part] = target.rsplit(".", 1)[-1]
     return params
+
+
+def log_hparams(logger: TensorBoardLogger, params: dict[str, Any], metrics: dict[str, float], step: int) -> None:
+    """Declare TensorBoard's HParams tab (its config summary) and this run's values: the columns
+    ``params`` with :data:`SHOWN_FIRST` first, the metric columns ``metrics`` (logged beforehand)."""
+    logger.log_hyperparams(params)  # hparams.yaml; the summaries below, with the columns marked
+    experiment, start, end = hparams_summaries(params, metrics)
+    data = HParamsPluginData.FromString(experiment.value[0].metadata.plugin_data.content)
+    for info in data.experiment.hparam_infos:
+        info.differs = info.name in SHOWN_FIRST
+    experiment.value[0].metadata.plugin_data.content = data.SerializeToString()
+    for summary in (experiment, start, end):
+        logger.experiment._get_file_writer().add_summary(summary, step)  # as Lightning's log_hyperparams
 
 
 def remove_if_unused(run_dir: Path) -> None:
@@ -207,12 +227,13 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
     numbers = {k: v for k, v in metrics.items() if isinstance(v, float)}
     final = {f"final/{k}": v for k, v in numbers.items()}  # own tags: the curves keep their steps
     step = progress["global_step"]
+    columns = [f"final/{cfg.get('optimized_metric')}", "final/test/nll"]  # the HParams tab's metrics
     for logger in trainer.loggers:
+        logger.log_metrics(final, step=step)
         if isinstance(logger, TensorBoardLogger):  # its HParams tab pairs them with the metrics
-            logger.log_hyperparams(hyperparameters(cfg), final, step=step)
+            log_hparams(logger, hyperparameters(cfg), {k: final[k] for k in dict.fromkeys(columns) if k in final}, step)
         else:
             logger.log_hyperparams(hyperparameters(cfg))
-            logger.log_metrics(final, step=step)
         logger.save()
     write_json(output_dir / "metrics.json", metrics)
     log.info("metrics: %s", json.dumps(numbers, sort_keys=True))
@@ -224,7 +245,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns ``optimized_metric`` for sweepers such as Optuna.
 
-    A single run stops on a config mistake (exit status 2) or a NaN loss (1) with one line. A job
+    A single run stops on a config mistake (exit status 2), a NaN loss or a checkpoint it could not
+    write, e.g. on a full disk (1), with one line. A job
     of a sweep (``-m``) that fails for any reason writes ``error.txt`` into its directory and
     returns None, so the sweep goes on (Optuna records a failed trial) and ``vaelab.report``
     shows the job as failed.
@@ -235,7 +257,7 @@ def main(cfg: DictConfig) -> float | None:
     except SIGTERMException:  # a SystemExit with status 0: stop the run, and a sweep, with the usual 143
         sys.exit(128 + signal.SIGTERM)
     except Exception as err:
-        if not sweep_job and not isinstance(err, ConfigError | FloatingPointError):
+        if not sweep_job and not isinstance(err, ConfigError | FloatingPointError | CheckpointSaveError):
             raise
         if not sweep_job:
             if isinstance(err, ConfigError):
