@@ -10,7 +10,7 @@ from torch.distributions import Categorical, Independent, MixtureSameFamily, Nor
 from vaelab.config import ConfigError
 from vaelab.likelihood import iw_estimates
 from vaelab.nets.mlp import MLPDecoder, MLPEncoder
-from vaelab.objectives import ELBO, IWAE, elbo_terms
+from vaelab.objectives import ELBO, IWAE, bernoulli_log_likelihood, elbo_terms
 from vaelab.plots import quantile_grid
 from vaelab.posteriors.gaussian import DiagonalGaussian
 from vaelab.posteriors.iaf import IAFPosterior
@@ -172,3 +172,26 @@ def test_diagonal_gaussian_log_prob_is_torch_normal():
     mean, log_var, z = (torch.randn(3, 4, generator=g) for _ in range(3))
     expected = Normal(mean, (0.5 * log_var).exp()).log_prob(z)
     torch.testing.assert_close(DiagonalGaussian(mean, log_var).log_prob_dims(z), expected)
+
+
+@pytest.mark.parametrize("objective", [ELBO(), IWAE(k=3)], ids=["elbo", "iwae"])
+def test_the_normal_prior_gives_the_numbers_of_the_hard_wired_n01(objective):
+    """Before priors were pluggable, VAE.forward scored log N(z; 0, I) and the ELBO took
+    kl_normal per dimension: the same losses, bit for bit, from the same draws."""
+    torch.manual_seed(7)
+    vae, x = tiny_vae(latent_dim=3, objective=objective), torch.rand(5, *SHAPE).round()
+    torch.manual_seed(8)
+    loss = objective(vae(x, objective.n_samples), 0)
+    torch.manual_seed(8)  # the same draw, written out as before
+    mean, log_var = vae.encoder(x)
+    eps = torch.randn(objective.n_samples, *mean.shape)
+    z = mean + (0.5 * log_var).exp() * eps
+    log_px_z = bernoulli_log_likelihood(vae.decoder(z), x)
+    if isinstance(objective, ELBO):
+        kl = -0.5 * (1 + log_var - mean.pow(2) - log_var.exp())
+        expected = -log_px_z.mean() + kl.mean(0).sum()
+    else:
+        log_pz = (-0.5 * (z.pow(2) + math.log(2 * math.pi))).sum(-1)
+        log_qz = (-0.5 * (eps.pow(2) + math.log(2 * math.pi)) - 0.5 * log_var).sum(-1)
+        expected = -(torch.logsumexp(log_px_z + log_pz - log_qz, 0) - math.log(3)).mean()
+    assert torch.equal(loss, expected)
