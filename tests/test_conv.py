@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import MNIST
 from hydra.utils import instantiate
 from torch import nn
 
@@ -21,7 +22,8 @@ LEADING = [(4,), (3, 4), (2, 3, 4)]  # [B, D], [K, B, D], [2, 3, B, D]
 @pytest.mark.parametrize("leading", LEADING)
 def test_shapes_for_any_sample_dimensions(latent_dim, leading):
     torch.manual_seed(0)
-    enc, dec = ConvEncoder(latent_dim, channels=(8, 16)), ConvDecoder(latent_dim, channels=(8, 16))
+    enc = ConvEncoder(latent_dim, channels=(8, 16), image_shape=MNIST)
+    dec = ConvDecoder(latent_dim, channels=(8, 16), image_shape=MNIST)
     mean, log_var = enc(torch.rand(*leading, 1, 28, 28))
     assert mean.shape == log_var.shape == (*leading, latent_dim)
     assert dec(torch.randn(*leading, latent_dim)).shape == (*leading, 1, 28, 28)
@@ -48,7 +50,7 @@ def test_architectures_restore_the_image_size(channels, kernel_sizes, hidden_dim
 
 
 def test_default_is_two_stride_2_convolutions_and_a_dense_layer():
-    enc = ConvEncoder(50)
+    enc = ConvEncoder(50, image_shape=MNIST)
     convs = [m for m in enc.modules() if isinstance(m, nn.Conv2d)]
     linears = [m for m in enc.modules() if isinstance(m, nn.Linear)]
     assert [(m.in_channels, m.out_channels, m.kernel_size, m.stride) for m in convs] == [
@@ -71,17 +73,17 @@ BAD = [
 
 @pytest.mark.parametrize("kwargs, message", BAD)
 def test_bad_arguments_raise_one_clear_error(kwargs, message):
-    args = {"latent_dim": 4, "channels": (8, 16), "kernel_sizes": (4, 4), **kwargs}
+    args = {"latent_dim": 4, "channels": (8, 16), "kernel_sizes": (4, 4), "image_shape": MNIST, **kwargs}
     for net in (ConvEncoder, ConvDecoder):
         with pytest.raises(ValueError, match=message):
             net(**args)
     with pytest.raises(ValueError, match="context_dim"):
-        ConvEncoder(4, context_dim=-1)
+        ConvEncoder(4, context_dim=-1, image_shape=MNIST)
 
 
 def test_dropout_only_in_training_mode():
     torch.manual_seed(0)
-    dec, z = ConvDecoder(4, (8, 16), dropout=0.5), torch.randn(3, 4)
+    dec, z = ConvDecoder(4, (8, 16), dropout=0.5, image_shape=MNIST), torch.randn(3, 4)
     assert not torch.equal(dec(z), dec(z))
     dec.eval()
     assert torch.equal(dec(z), dec(z))
@@ -108,7 +110,7 @@ def test_decoded_samples_do_not_depend_on_each_other(batch_norm):
     the same whichever samples share its forward pass; with a BatchNorm they are not, which shows
     that the comparison can tell."""
     torch.manual_seed(0)
-    dec = ConvDecoder(6, (8, 16), hidden_dims=(32,)).train()
+    dec = ConvDecoder(6, (8, 16), hidden_dims=(32,), image_shape=MNIST).train()
     dec = with_batch_norm(dec) if batch_norm else dec
     z = torch.randn(7, 5, 6)
     same = torch.allclose(dec(z), chunked_decode(dec, z), rtol=1e-5, atol=1e-5)
@@ -151,9 +153,10 @@ def test_iw_estimate_is_the_same_for_any_chunking(batch_norm, monkeypatch):
     model is in training mode, so that a BatchNorm would use the statistics of each chunk: with
     one the estimates differ."""
     torch.manual_seed(0)
-    dec = ConvDecoder(4, (8, 16), hidden_dims=(32,))
+    dec = ConvDecoder(4, (8, 16), hidden_dims=(32,), image_shape=MNIST)
     dec = with_batch_norm(dec) if batch_norm else dec
-    model = VAE(ConvEncoder(4, (8, 16), hidden_dims=(32,)), dec, torch.optim.Adam, latent_dim=4).train()
+    enc = ConvEncoder(4, (8, 16), hidden_dims=(32,), image_shape=MNIST)
+    model = VAE(enc, dec, torch.optim.Adam, latent_dim=4).train()
     x = torch.bernoulli(torch.rand(6, 1, 28, 28))
     noise = torch.randn(20, 6, 4)
     runs = []

@@ -7,12 +7,13 @@ import pytest
 import torch
 from conftest import N_TEST, N_TRAIN, VAL_SIZE, fake_images
 
+from vaelab import image_sets
 from vaelab.config import ConfigError
-from vaelab.data import DATASETS, MNISTDataModule, bernoulli, rank_seed
+from vaelab.data import ImageDataModule, bernoulli, rank_seed
 
 
 def make(root, **kwargs):
-    dm = MNISTDataModule(root=str(root), val_size=VAL_SIZE, batch_size=32, eval_batch_size=50, **kwargs)
+    dm = ImageDataModule(root=str(root), val_size=VAL_SIZE, batch_size=32, eval_batch_size=50, **kwargs)
     dm.setup()
     return dm
 
@@ -118,7 +119,8 @@ def test_static_binarization_is_one_draw(fake_root):
 def test_no_binarization_keeps_grey_levels(fake_root):
     dm = make(fake_root, binarize="none")
     x = torch.cat([x for x, _ in batches(dm)])
-    assert x.min() >= 0 and x.max() <= 1 and len(x.unique()) > 2 and not dm.binary
+    assert x.min() >= 0 and x.max() <= 1 and len(x.unique()) > 2 and dm.kind == "8bit"
+    assert make(fake_root, binarize="static").kind == make(fake_root, binarize="dynamic").kind == "binary"
 
 
 def test_binarization_draw_has_the_grey_level_mean():
@@ -145,17 +147,17 @@ def test_fashion_mnist_through_the_same_code(fake_root):
 def test_the_files_are_read_once_however_often_lightning_prepares(fake_root, monkeypatch):
     """``vaelab.train`` prepares the data once and Lightning again for fit, validate and test."""
     reads = []
-    original = DATASETS["mnist"]
+    original = image_sets.read
     def counting(*args, **kwargs):
-        reads.append(kwargs["train"])
+        reads.append(args[0])
         return original(*args, **kwargs)
 
-    monkeypatch.setitem(DATASETS, "mnist", counting)
-    dm = MNISTDataModule(root=str(fake_root), val_size=VAL_SIZE)
+    monkeypatch.setattr(image_sets, "read", counting)
+    dm = ImageDataModule(root=str(fake_root), val_size=VAL_SIZE)
     for _ in range(4):
         dm.prepare_data()
     dm.setup()
-    assert sorted(reads) == [False, True]
+    assert reads == ["mnist"]
     assert len(dm.splits["train"][0]) == N_TRAIN - VAL_SIZE
 
 
@@ -164,7 +166,7 @@ def test_missing_data_without_network_says_where_to_put_the_files(tmp_path, monk
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: no network")
 
     monkeypatch.setattr("torchvision.datasets.mnist.download_and_extract_archive", offline)
-    dm = MNISTDataModule(root=str(tmp_path / "nowhere"))
+    dm = ImageDataModule(root=str(tmp_path / "nowhere"))
     with pytest.raises(ConfigError) as err:
         dm.prepare_data()
     message = str(err.value)
@@ -175,4 +177,4 @@ def test_missing_data_without_network_says_where_to_put_the_files(tmp_path, monk
 @pytest.mark.parametrize("kwargs", [{"binarize": "maybe"}, {"dataset": "cifar"}])
 def test_bad_options(kwargs, tmp_path):
     with pytest.raises(ConfigError):
-        MNISTDataModule(root=str(tmp_path), **kwargs)
+        ImageDataModule(root=str(tmp_path), **kwargs)

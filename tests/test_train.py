@@ -155,7 +155,7 @@ def test_grey_levels_report_no_likelihood(make_cfg, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="vaelab.train")
     metrics = train(make_cfg("data.binarize=none", "callbacks=model_checkpoint", "logger=none"))
     assert "test/elbo" in metrics and "test/nll" not in metrics and "test/bits_per_dim" not in metrics
-    assert "grey levels have no Bernoulli likelihood" in caplog.text
+    assert "Bernoulli is not a normalised density of 8bit data (data.binarize=none)" in caplog.text
     assert "iw_samples_test: 0" in (tmp_path / "run" / "config.yaml").read_text()
 
 

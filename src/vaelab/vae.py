@@ -1,7 +1,8 @@
 """The VAE as a LightningModule: encoder, posterior, decoder and a training objective.
 
 ``q(z|x)`` is a pluggable posterior (:mod:`vaelab.posteriors`) fed by the encoder, the prior is
-``p(z) = N(0, I)``, the likelihood ``p(x|z) = Bernoulli(sigmoid(decoder(z)))`` per pixel. The
+``p(z) = N(0, I)``, the likelihood ``p(x|z)`` a pluggable family (:mod:`vaelab.likelihoods`:
+Bernoulli by default) whose parameters the decoder returns. The
 training loss is the objective's (:mod:`vaelab.objectives`: the ELBO with beta, KL warm-up and
 free bits, or the IWAE bound); validation and test always log the plain ELBO, so runs trained on
 different objectives compare. Every logged number is in nats per image: ``rec = -log p(x|z)``
@@ -9,11 +10,10 @@ summed over pixels, ``kl`` summed over latent dimensions, both averaged over the
 ``elbo = -(rec + kl)``.
 
 Precision: under ``trainer.precision=bf16-mixed`` the networks run in bfloat16 (autocast), but
-the encoder's outputs and the decoder's logits are returned in the dtype of the input (float32),
+the encoder's outputs and the decoder's parameters are returned in the dtype of the input (float32),
 and the log-densities are computed in float32, so logged nats keep float32 resolution.
 """
 
-import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -21,7 +21,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from vaelab.likelihood import iw_estimates
-from vaelab.objectives import ELBO, LogDensities, bernoulli_log_likelihood, elbo_terms
+from vaelab.likelihoods import Likelihood, bits_per_dim, nll_keys
+from vaelab.likelihoods.bernoulli import Bernoulli
+from vaelab.objectives import ELBO, LogDensities, elbo_terms
 from vaelab.optim import Optimization
 from vaelab.posteriors import PosteriorBatch
 from vaelab.posteriors.gaussian import GaussianPosterior, standard_normal_log_density
@@ -42,17 +44,20 @@ class VAE(Optimization):
     """A VAE with pluggable networks, posterior and objective.
 
     Args:
-        encoder: ``x [B, 1, 28, 28] -> (mean, log_var)`` or ``(mean, log_var, context)``, each
+        encoder: ``x [B, C, H, W] -> (mean, log_var)`` or ``(mean, log_var, context)``, each
             ``[B, latent_dim]`` (the context ``[B, context_dim]``, for posteriors that use one).
-        decoder: ``z [..., latent_dim] -> logits [..., 1, 28, 28]``.
+        decoder: ``z [..., latent_dim] -> params [..., P * C, H, W]``, the likelihood's ``P``
+            parameters per channel and pixel.
         optimizer: a partial optimizer, called with the parameter groups (Adam by default).
         latent_dim: size of ``z``.
         posterior: turns the encoder's output into ``q(z|x)`` (default: diagonal Gaussian).
         objective: the training loss from the log-densities (default: the ELBO).
+        likelihood: ``p(x|z)`` from the decoder's parameters (default: Bernoulli).
         l2: L2 weight decay on weight matrices only (not biases), applied through the
             optimizer's ``weight_decay``; with Adam this is the gradient of the penalty
             ``l2/2 * sum ||W||^2`` (``tf.nn.l2_loss``), which is not part of the logged loss.
-        iw_samples_test: K of the importance-weighted ``test/nll`` (and ``test/bits_per_dim``)
+        iw_samples_test: K of the importance-weighted ``test/nll`` (and ``test/bits_per_dim``;
+            ``_continuous`` names for a density on [0, 1], :func:`vaelab.likelihoods.nll_keys`)
             logged by the test stage; 0 skips it.
         compile: compile :meth:`forward` (networks, posterior and log-densities) with
             ``torch.compile``, in place, when a Trainer sets the model up (:meth:`configure_model`).
@@ -66,15 +71,17 @@ class VAE(Optimization):
         latent_dim: int,
         posterior: nn.Module | None = None,
         objective: Callable[[LogDensities, int], Tensor] | None = None,
+        likelihood: Likelihood | None = None,
         l2: float = 0.0,
         iw_samples_test: int = 0,
         compile: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["encoder", "decoder", "optimizer", "posterior", "objective"])
+        self.save_hyperparameters(ignore=["encoder", "decoder", "optimizer", "posterior", "objective", "likelihood"])
         self.encoder, self.decoder, self.optimizer = encoder, decoder, optimizer
         self.posterior = posterior if posterior is not None else GaussianPosterior()
         self.objective = objective if objective is not None else ELBO()
+        self.likelihood = likelihood if likelihood is not None else Bernoulli()
         self.latent_dim, self.l2, self.iw_samples_test = latent_dim, l2, iw_samples_test
         self.compiled = False
 
@@ -98,30 +105,30 @@ class VAE(Optimization):
         self.compiled = True
 
     def encode(self, x: Tensor) -> PosteriorBatch:
-        """``q(z|x)`` of a batch ``x [B, 1, 28, 28]``."""
+        """``q(z|x)`` of a batch ``x [B, C, H, W]``."""
         outputs = [t.to(x.dtype) for t in self.encoder(x)]
         return self.posterior(*outputs)
 
     def decode(self, z: Tensor) -> Tensor:
-        """``z [..., latent_dim] -> `` Bernoulli logits ``[..., 1, 28, 28]``."""
+        """``z [..., latent_dim] ->`` the likelihood's parameters ``[..., P * C, H, W]``."""
         return self.decoder(z).to(z.dtype)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
-        """Decoder means (pixel probabilities) at the posterior's point summary: ``[B, 1, 28, 28]``."""
-        return torch.sigmoid(self.decode(self.encode(x).point()))
+        """The likelihood's means at the posterior's point summary: ``[B, C, H, W]``."""
+        return self.likelihood.mean(self.decode(self.encode(x).point()))
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """Decoder means of ``n`` draws from the prior: ``[n, 1, 28, 28]``."""
+        """The likelihood's means at ``n`` draws from the prior: ``[n, C, H, W]``."""
         z = torch.randn(n, self.latent_dim, generator=generator, device=self.device)
-        return torch.sigmoid(self.decode(z))
+        return self.likelihood.mean(self.decode(z))
 
     def forward(self, x: Tensor, n_samples: int = 1) -> LogDensities:
         """The log-densities at ``n_samples`` draws ``z ~ q(z|x)`` per image."""
         q = self.encode(x)
         z, log_qz = q.rsample(n_samples)
-        log_px_z = bernoulli_log_likelihood(self.decode(z), x)
+        log_px_z = self.likelihood.log_prob(self.decode(z), x)
         return LogDensities(log_px_z, standard_normal_log_density(z), log_qz, q.kl())
 
     def log_densities(self, x: Tensor, n_samples: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -152,8 +159,8 @@ class VAE(Optimization):
         self._log_elbo(self(x), "test", len(x))
         if self.iw_samples_test > 0:
             nll = -iw_estimates(self, x, self.iw_samples_test).log_px.mean()
-            bits_per_dim = nll / (x[0].numel() * math.log(2))
-            metrics = {"test/nll": nll, "test/bits_per_dim": bits_per_dim}
+            names = nll_keys("test", self.likelihood.density)
+            metrics = dict(zip(names, (nll, bits_per_dim(nll, x.shape[1:])), strict=True))
             self.log_dict(metrics, on_epoch=True, batch_size=float(len(x)), sync_dist=True)
 
     def _log_elbo(self, d: LogDensities, stage: str, batch_size: int) -> None:
