@@ -11,7 +11,9 @@ from hydra.utils import instantiate
 from torch import nn
 
 from vaelab.likelihood import iw_estimates
+from vaelab.likelihoods.logistic import DiscretizedLogistic
 from vaelab.nets.conv import ConvDecoder, ConvEncoder
+from vaelab.nets.mlp import MLPDecoder, MLPEncoder
 from vaelab.train import train
 from vaelab.vae import VAE
 
@@ -27,6 +29,21 @@ def test_shapes_for_any_sample_dimensions(latent_dim, leading):
     mean, log_var = enc(torch.rand(*leading, 1, 28, 28))
     assert mean.shape == log_var.shape == (*leading, latent_dim)
     assert dec(torch.randn(*leading, latent_dim)).shape == (*leading, 1, 28, 28)
+
+
+@pytest.mark.parametrize("image_shape", [(1, 28, 28), (3, 32, 32)])
+@pytest.mark.parametrize("params_per_channel", [1, 2, 9])
+@pytest.mark.parametrize("leading", LEADING)
+@pytest.mark.parametrize("net", ["mlp", "conv"])
+def test_every_net_on_grey_and_colour_images(net, leading, params_per_channel, image_shape):
+    """The decoder returns the likelihood's ``P`` numbers per channel: ``[..., P * C, H, W]``."""
+    encoder, decoder = (MLPEncoder, MLPDecoder) if net == "mlp" else (ConvEncoder, ConvDecoder)
+    enc = encoder(6, hidden_dims=[16], image_shape=image_shape, context_dim=2)
+    dec = decoder(6, hidden_dims=[16], image_shape=image_shape, params_per_channel=params_per_channel)
+    mean, log_var, context = enc(torch.rand(*leading, *image_shape))
+    assert mean.shape == log_var.shape == (*leading, 6) and context.shape == (*leading, 2)
+    channels, height, width = image_shape
+    assert dec(mean).shape == (*leading, params_per_channel * channels, height, width)
 
 
 @pytest.mark.parametrize(
@@ -167,6 +184,24 @@ def test_iw_estimate_is_the_same_for_any_chunking(batch_norm, monkeypatch):
     assert all(e.log_px.isfinite().all() for e in runs)
     same = all(torch.allclose(a, b, rtol=0, atol=1e-3) for run in runs[1:] for a, b in zip(runs[0], run, strict=True))
     assert same != batch_norm
+
+
+def test_iw_estimate_of_a_colour_model_is_the_same_for_any_chunking(monkeypatch):
+    """As above for 3x32x32 images under a discretized logistic mixture: one chunk or many."""
+    torch.manual_seed(0)
+    shape = (3, 32, 32)
+    likelihood = DiscretizedLogistic(n_mix=2)
+    enc = ConvEncoder(4, (8, 16), hidden_dims=(32,), image_shape=shape)
+    per_channel = likelihood.params_per_channel
+    dec = ConvDecoder(4, (8, 16), hidden_dims=(32,), image_shape=shape, params_per_channel=per_channel)
+    model = VAE(enc, dec, torch.optim.Adam, latent_dim=4, likelihood=likelihood).eval()
+    x = torch.randint(0, 256, (6, *shape)).float() / 255
+    noise = torch.randn(20, 6, 4)
+    runs = [iw_estimates(FixedNoise(model, x, noise, monkeypatch), x, 20, chunk) for chunk in (120, 20, 45, 7)]
+    assert all(e.log_px.isfinite().all() for e in runs)
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-3)
 
 
 def test_conv_vae_trains_on_mnist_and_fashion_mnist(make_cfg, tmp_path):
