@@ -30,6 +30,7 @@ needs_mnist = pytest.mark.skipif(
 )
 
 N_TRAIN, N_TEST, VAL_SIZE = 240, 80, 40
+MNIST = (1, 28, 28)  # the image shape of MNIST and of the fake data sets
 # Overrides that make any composed config run in seconds on the fake data set.
 TINY = ["data.val_size=40", "data.eval_batch_size=40", "batch_size=32", "max_epochs=1",
         "model.encoder.hidden_dims=[32]", "latent_dim=3", "trainer.accelerator=cpu",

@@ -6,11 +6,14 @@ import math
 
 import pytest
 import torch
+from conftest import MNIST
 from hydra.utils import instantiate
 from torch import nn
 
 from vaelab.likelihood import iw_estimates
+from vaelab.likelihoods.logistic import DiscretizedLogistic
 from vaelab.nets.conv import ConvDecoder, ConvEncoder
+from vaelab.nets.mlp import MLPDecoder, MLPEncoder
 from vaelab.train import train
 from vaelab.vae import VAE
 
@@ -21,10 +24,26 @@ LEADING = [(4,), (3, 4), (2, 3, 4)]  # [B, D], [K, B, D], [2, 3, B, D]
 @pytest.mark.parametrize("leading", LEADING)
 def test_shapes_for_any_sample_dimensions(latent_dim, leading):
     torch.manual_seed(0)
-    enc, dec = ConvEncoder(latent_dim, channels=(8, 16)), ConvDecoder(latent_dim, channels=(8, 16))
+    enc = ConvEncoder(latent_dim, channels=(8, 16), image_shape=MNIST)
+    dec = ConvDecoder(latent_dim, channels=(8, 16), image_shape=MNIST)
     mean, log_var = enc(torch.rand(*leading, 1, 28, 28))
     assert mean.shape == log_var.shape == (*leading, latent_dim)
     assert dec(torch.randn(*leading, latent_dim)).shape == (*leading, 1, 28, 28)
+
+
+@pytest.mark.parametrize("image_shape", [(1, 28, 28), (3, 32, 32)])
+@pytest.mark.parametrize("params_per_channel", [1, 2, 9])
+@pytest.mark.parametrize("leading", LEADING)
+@pytest.mark.parametrize("net", ["mlp", "conv"])
+def test_every_net_on_grey_and_colour_images(net, leading, params_per_channel, image_shape):
+    """The decoder returns the likelihood's ``P`` numbers per channel: ``[..., P * C, H, W]``."""
+    encoder, decoder = (MLPEncoder, MLPDecoder) if net == "mlp" else (ConvEncoder, ConvDecoder)
+    enc = encoder(6, hidden_dims=[16], image_shape=image_shape, context_dim=2)
+    dec = decoder(6, hidden_dims=[16], image_shape=image_shape, params_per_channel=params_per_channel)
+    mean, log_var, context = enc(torch.rand(*leading, *image_shape))
+    assert mean.shape == log_var.shape == (*leading, 6) and context.shape == (*leading, 2)
+    channels, height, width = image_shape
+    assert dec(mean).shape == (*leading, params_per_channel * channels, height, width)
 
 
 @pytest.mark.parametrize(
@@ -48,7 +67,7 @@ def test_architectures_restore_the_image_size(channels, kernel_sizes, hidden_dim
 
 
 def test_default_is_two_stride_2_convolutions_and_a_dense_layer():
-    enc = ConvEncoder(50)
+    enc = ConvEncoder(50, image_shape=MNIST)
     convs = [m for m in enc.modules() if isinstance(m, nn.Conv2d)]
     linears = [m for m in enc.modules() if isinstance(m, nn.Linear)]
     assert [(m.in_channels, m.out_channels, m.kernel_size, m.stride) for m in convs] == [
@@ -71,17 +90,17 @@ BAD = [
 
 @pytest.mark.parametrize("kwargs, message", BAD)
 def test_bad_arguments_raise_one_clear_error(kwargs, message):
-    args = {"latent_dim": 4, "channels": (8, 16), "kernel_sizes": (4, 4), **kwargs}
+    args = {"latent_dim": 4, "channels": (8, 16), "kernel_sizes": (4, 4), "image_shape": MNIST, **kwargs}
     for net in (ConvEncoder, ConvDecoder):
         with pytest.raises(ValueError, match=message):
             net(**args)
     with pytest.raises(ValueError, match="context_dim"):
-        ConvEncoder(4, context_dim=-1)
+        ConvEncoder(4, context_dim=-1, image_shape=MNIST)
 
 
 def test_dropout_only_in_training_mode():
     torch.manual_seed(0)
-    dec, z = ConvDecoder(4, (8, 16), dropout=0.5), torch.randn(3, 4)
+    dec, z = ConvDecoder(4, (8, 16), dropout=0.5, image_shape=MNIST), torch.randn(3, 4)
     assert not torch.equal(dec(z), dec(z))
     dec.eval()
     assert torch.equal(dec(z), dec(z))
@@ -108,7 +127,7 @@ def test_decoded_samples_do_not_depend_on_each_other(batch_norm):
     the same whichever samples share its forward pass; with a BatchNorm they are not, which shows
     that the comparison can tell."""
     torch.manual_seed(0)
-    dec = ConvDecoder(6, (8, 16), hidden_dims=(32,)).train()
+    dec = ConvDecoder(6, (8, 16), hidden_dims=(32,), image_shape=MNIST).train()
     dec = with_batch_norm(dec) if batch_norm else dec
     z = torch.randn(7, 5, 6)
     same = torch.allclose(dec(z), chunked_decode(dec, z), rtol=1e-5, atol=1e-5)
@@ -151,9 +170,10 @@ def test_iw_estimate_is_the_same_for_any_chunking(batch_norm, monkeypatch):
     model is in training mode, so that a BatchNorm would use the statistics of each chunk: with
     one the estimates differ."""
     torch.manual_seed(0)
-    dec = ConvDecoder(4, (8, 16), hidden_dims=(32,))
+    dec = ConvDecoder(4, (8, 16), hidden_dims=(32,), image_shape=MNIST)
     dec = with_batch_norm(dec) if batch_norm else dec
-    model = VAE(ConvEncoder(4, (8, 16), hidden_dims=(32,)), dec, torch.optim.Adam, latent_dim=4).train()
+    enc = ConvEncoder(4, (8, 16), hidden_dims=(32,), image_shape=MNIST)
+    model = VAE(enc, dec, torch.optim.Adam, latent_dim=4).train()
     x = torch.bernoulli(torch.rand(6, 1, 28, 28))
     noise = torch.randn(20, 6, 4)
     runs = []
@@ -164,6 +184,24 @@ def test_iw_estimate_is_the_same_for_any_chunking(batch_norm, monkeypatch):
     assert all(e.log_px.isfinite().all() for e in runs)
     same = all(torch.allclose(a, b, rtol=0, atol=1e-3) for run in runs[1:] for a, b in zip(runs[0], run, strict=True))
     assert same != batch_norm
+
+
+def test_iw_estimate_of_a_colour_model_is_the_same_for_any_chunking(monkeypatch):
+    """As above for 3x32x32 images under a discretized logistic mixture: one chunk or many."""
+    torch.manual_seed(0)
+    shape = (3, 32, 32)
+    likelihood = DiscretizedLogistic(n_mix=2)
+    enc = ConvEncoder(4, (8, 16), hidden_dims=(32,), image_shape=shape)
+    per_channel = likelihood.params_per_channel
+    dec = ConvDecoder(4, (8, 16), hidden_dims=(32,), image_shape=shape, params_per_channel=per_channel)
+    model = VAE(enc, dec, torch.optim.Adam, latent_dim=4, likelihood=likelihood).eval()
+    x = torch.randint(0, 256, (6, *shape)).float() / 255
+    noise = torch.randn(20, 6, 4)
+    runs = [iw_estimates(FixedNoise(model, x, noise, monkeypatch), x, 20, chunk) for chunk in (120, 20, 45, 7)]
+    assert all(e.log_px.isfinite().all() for e in runs)
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-3)
 
 
 def test_conv_vae_trains_on_mnist_and_fashion_mnist(make_cfg, tmp_path):

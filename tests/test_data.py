@@ -7,12 +7,13 @@ import pytest
 import torch
 from conftest import N_TEST, N_TRAIN, VAL_SIZE, fake_images, make_fake_root
 
+from vaelab import image_sets
 from vaelab.config import ConfigError
-from vaelab.data import DATASETS, MNISTDataModule, bernoulli, rank_seed
+from vaelab.data import ImageDataModule, bernoulli, rank_seed
 
 
 def make(root, **kwargs):
-    dm = MNISTDataModule(root=str(root), val_size=VAL_SIZE, batch_size=32, eval_batch_size=50, **kwargs)
+    dm = ImageDataModule(root=str(root), val_size=VAL_SIZE, batch_size=32, eval_batch_size=50, **kwargs)
     dm.setup()
     return dm
 
@@ -118,7 +119,8 @@ def test_static_binarization_is_one_draw(fake_root):
 def test_no_binarization_keeps_grey_levels(fake_root):
     dm = make(fake_root, binarize="none")
     x = torch.cat([x for x, _ in batches(dm)])
-    assert x.min() >= 0 and x.max() <= 1 and len(x.unique()) > 2 and not dm.binary
+    assert x.min() >= 0 and x.max() <= 1 and len(x.unique()) > 2 and dm.kind == "8bit"
+    assert make(fake_root, binarize="static").kind == make(fake_root, binarize="dynamic").kind == "binary"
 
 
 def test_binarization_draw_has_the_grey_level_mean():
@@ -145,18 +147,17 @@ def test_fashion_mnist_through_the_same_code(fake_root):
 def test_the_files_are_read_once_however_often_lightning_prepares(fake_root, monkeypatch):
     """``vaelab.train`` prepares the data once and Lightning again for fit, validate and test."""
     reads = []
+    original = image_sets.read
+    def counting(*args, **kwargs):
+        reads.append(args[0])
+        return original(*args, **kwargs)
 
-    class MNIST(DATASETS["mnist"]):  # torchvision's folder is named after the class
-        def __init__(self, *args, **kwargs):
-            reads.append(kwargs["train"])
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setitem(DATASETS, "mnist", MNIST)
-    dm = MNISTDataModule(root=str(fake_root), val_size=VAL_SIZE)
+    monkeypatch.setattr(image_sets, "read", counting)
+    dm = ImageDataModule(root=str(fake_root), val_size=VAL_SIZE)
     for _ in range(4):
         dm.prepare_data()
     dm.setup()
-    assert sorted(reads) == [False, True]
+    assert reads == ["mnist"]
     assert len(dm.splits["train"][0]) == N_TRAIN - VAL_SIZE
 
 
@@ -165,7 +166,7 @@ def test_missing_data_without_network_says_where_to_put_the_files(tmp_path, monk
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: no network")
 
     monkeypatch.setattr("torchvision.datasets.mnist.download_and_extract_archive", offline)
-    dm = MNISTDataModule(root=str(tmp_path / "nowhere"))
+    dm = ImageDataModule(root=str(tmp_path / "nowhere"))
     with pytest.raises(ConfigError) as err:
         dm.prepare_data()
     message = str(err.value)
@@ -177,9 +178,9 @@ def test_an_empty_error_message_from_the_downloader_still_makes_a_message(tmp_pa
     def offline(self):
         raise RuntimeError("")
 
-    monkeypatch.setattr(DATASETS["mnist"], "download", offline)
-    with pytest.raises(ConfigError, match=r"could not be downloaded \(RuntimeError\)\. Put the four"):
-        MNISTDataModule(root=str(tmp_path / "nowhere")).prepare_data()
+    monkeypatch.setattr(image_sets.IDX_SETS["mnist"], "download", offline)
+    with pytest.raises(ConfigError, match=r"could not be downloaded \(RuntimeError\)\. Put its files"):
+        ImageDataModule(root=str(tmp_path / "nowhere")).prepare_data()
 
 
 HTML = b"<!DOCTYPE html>\n<html><body>503 Service Unavailable</body></html>\n"
@@ -202,7 +203,7 @@ def test_a_damaged_file_is_named_with_what_is_wrong_and_how_to_get_a_good_one(tm
     path = make_fake_root(tmp_path) / "MNIST" / "raw" / name
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(ConfigError) as err:
-        MNISTDataModule(root=str(tmp_path)).prepare_data()  # download=True: a file that exists is not fetched
+        ImageDataModule(root=str(tmp_path)).prepare_data()  # download=True: a file that exists is not fetched
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith(f"{path} is damaged ({problem}")
@@ -211,18 +212,18 @@ def test_a_damaged_file_is_named_with_what_is_wrong_and_how_to_get_a_good_one(tm
 
 
 def test_a_reader_error_without_a_message_names_the_data_and_the_error(tmp_path, monkeypatch):
-    class MNIST(DATASETS["mnist"]):
+    class MNIST(image_sets.IDX_SETS["mnist"]):
         def __init__(self, *args, **kwargs):
             raise AssertionError  # what torchvision's reader raises on a file it cannot parse
 
     make_fake_root(tmp_path)
-    monkeypatch.setitem(DATASETS, "mnist", MNIST)
+    monkeypatch.setitem(image_sets.IDX_SETS, "mnist", MNIST)
     with pytest.raises(ConfigError) as err:
-        MNISTDataModule(root=str(tmp_path)).prepare_data()
+        ImageDataModule(root=str(tmp_path)).prepare_data()
     assert str(err.value) == f"MNIST under {tmp_path / 'MNIST' / 'raw'} could not be read: AssertionError"
 
 
 @pytest.mark.parametrize("kwargs", [{"binarize": "maybe"}, {"dataset": "cifar"}])
 def test_bad_options(kwargs, tmp_path):
     with pytest.raises(ConfigError):
-        MNISTDataModule(root=str(tmp_path), **kwargs)
+        ImageDataModule(root=str(tmp_path), **kwargs)

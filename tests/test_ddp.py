@@ -19,14 +19,14 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import N_TRAIN, compose_cfg
+from conftest import MNIST, N_TRAIN, compose_cfg
 from hydra.core.global_hydra import GlobalHydra
 from pytorch_lightning.strategies import DDPStrategy
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vaelab.callbacks.distributed import ProcessGroupTeardown, RankSeed, TrainingProgress
 from vaelab.callbacks.finite_loss import FiniteLossCheck
-from vaelab.data import MNISTDataModule
+from vaelab.data import ImageDataModule
 from vaelab.nets.mlp import MLPDecoder, MLPEncoder
 from vaelab.posteriors.gaussian import DiagonalGaussian, standard_normal_log_density
 from vaelab.train import train
@@ -50,8 +50,8 @@ class FixedNoisePosterior(torch.nn.Module):
 
 def tiny_vae(posterior: torch.nn.Module | None = None) -> VAE:
     torch.manual_seed(0)
-    return VAE(MLPEncoder(LATENT, [32]), MLPDecoder(LATENT, [32]), torch.optim.Adam, latent_dim=LATENT,
-               posterior=posterior)
+    nets = MLPEncoder(LATENT, [32], image_shape=MNIST), MLPDecoder(LATENT, [32], image_shape=MNIST)
+    return VAE(*nets, torch.optim.Adam, latent_dim=LATENT, posterior=posterior)
 
 
 def trainer(tmp_path: Path, devices: int, callbacks: list, **kwargs) -> pl.Trainer:
@@ -68,7 +68,7 @@ def fit(root: Path, tmp_path: Path, devices: int) -> tuple[VAE, dict[str, float]
     then one validation; the weights and the logged metrics, back in this process."""
     pl.seed_everything(0)  # Lightning's DistributedSampler shuffles with the global seed: 0, as data.seed
     model = tiny_vae(FixedNoisePosterior())
-    data = MNISTDataModule(str(root), batch_size=BATCH // devices, eval_batch_size=8,
+    data = ImageDataModule(str(root), batch_size=BATCH // devices, eval_batch_size=8,
                            val_size=40, binarize="static", download=False)
     run = trainer(tmp_path, devices, [RankSeed(0)], max_steps=STEPS, val_check_interval=STEPS,
                   gradient_clip_val=5.0, gradient_clip_algorithm="value")
@@ -158,8 +158,9 @@ class NaNOnRankOne(VAE):
 
 def test_a_nan_on_one_rank_stops_every_rank(fake_root, tmp_path):
     torch.manual_seed(0)
-    model = NaNOnRankOne(MLPEncoder(LATENT, [32]), MLPDecoder(LATENT, [32]), torch.optim.Adam, latent_dim=LATENT)
-    data = MNISTDataModule(str(fake_root), batch_size=8, val_size=40, eval_batch_size=40, download=False)
+    nets = MLPEncoder(LATENT, [32], image_shape=MNIST), MLPDecoder(LATENT, [32], image_shape=MNIST)
+    model = NaNOnRankOne(*nets, torch.optim.Adam, latent_dim=LATENT)
+    data = ImageDataModule(str(fake_root), batch_size=8, val_size=40, eval_batch_size=40, download=False)
     run = trainer(tmp_path, 2, [FiniteLossCheck()], max_epochs=1)
     with pytest.raises(Exception, match="NaN or infinite by step 3"):
         run.fit(model, datamodule=data)

@@ -5,6 +5,7 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+from conftest import MNIST
 from torch import Tensor, nn
 from torch.distributions import Normal, kl_divergence
 
@@ -36,7 +37,7 @@ class ScaledProjection(nn.Module):
 
 
 def model() -> VAE:
-    decoder = MLPDecoder(len(SCALES), hidden_dims=[8])
+    decoder = MLPDecoder(len(SCALES), hidden_dims=[8], image_shape=MNIST)
     return VAE(ScaledProjection(), decoder, partial(torch.optim.Adam), latent_dim=len(SCALES)).eval()
 
 

@@ -46,11 +46,14 @@ def test_evaluate_writes_flat_results_with_protocol(trained_run, fake_root, tmp_
     assert (trained_run / "kl_per_dim.png").is_file()
     assert list((trained_run / "tensorboard").glob("events.*"))
 
-    other = evaluate(evaluate_cfg(f"ckpt_path={ckpt}", "iw_samples=5", "split=val", "data.binarize=none",
-                                  f"out_dir={tmp_path / 'grey'}"))
-    assert other["binarize"] == "none" and other["n_images"] == 40 and "val/elbo" in other
-    assert "val/nll" not in other and "val/bits_per_dim" not in other  # grey levels: no likelihood
-    assert (tmp_path / "grey" / "evaluation.json").is_file()
+    other = evaluate(evaluate_cfg(f"ckpt_path={ckpt}", "iw_samples=5", "split=val", "data.binarize=dynamic",
+                                  f"out_dir={tmp_path / 'other'}"))
+    assert other["binarize"] == "dynamic" and other["n_images"] == 40 and "val/nll" in other
+    assert (tmp_path / "other" / "evaluation.json").is_file()
+    # grey levels: a Bernoulli has no NLL there, so there is nothing to estimate
+    with pytest.raises(ConfigError, match="not a normalised density of 8bit data") as err:
+        evaluate(evaluate_cfg(f"ckpt_path={ckpt}", "split=val", "data.binarize=none", f"out_dir={tmp_path / 'grey'}"))
+    assert "\n" not in str(err.value) and not (tmp_path / "grey").exists()
 
 
 def run_main(monkeypatch, *args: str) -> int:

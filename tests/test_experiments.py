@@ -4,7 +4,7 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import MNIST, compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -56,7 +56,7 @@ def test_drop_connect_drops_weights_not_activations():
 
 def test_weight_dropout_is_validated():
     with pytest.raises(ValueError, match="weight_dropout"):
-        MLPEncoder(2, weight_dropout=1.0)
+        MLPEncoder(2, weight_dropout=1.0, image_shape=MNIST)
     cfg = compose_train("+model.encoder.weight_dropout=1.0")
     with pytest.raises(ConfigError, match="weight_dropout must be in"):
         validate(cfg)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import MNIST
 from torch.autograd.functional import jacobian
 
 from vaelab.config import ConfigError
@@ -121,7 +122,7 @@ def test_identity_flow_is_the_diagonal_gaussian():
 
 def test_identity_flow_reproduces_the_diagonal_vae():
     torch.manual_seed(0)
-    encoder, decoder = MLPEncoder(3, [32], context_dim=5), MLPDecoder(3, [32])
+    encoder, decoder = MLPEncoder(3, [32], context_dim=5, image_shape=MNIST), MLPDecoder(3, [32], image_shape=MNIST)
     iaf = VAE(encoder, decoder, None, 3, posterior=identity_flow(3, 5))
     gaussian = VAE(encoder, decoder, None, 3, posterior=GaussianPosterior())
     x = torch.bernoulli(torch.full((6, 1, 28, 28), 0.3))

@@ -5,6 +5,7 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 import torch
+from conftest import MNIST
 
 from vaelab import plots
 from vaelab.config import ConfigError
@@ -22,7 +23,8 @@ def tile(grid: torch.Tensor, row: int, col: int) -> torch.Tensor:
 
 def tiny_vae(latent_dim: int) -> VAE:
     torch.manual_seed(0)
-    return VAE(MLPEncoder(latent_dim, [16]), MLPDecoder(latent_dim, [16]), optimizer=None, latent_dim=latent_dim).eval()
+    nets = MLPEncoder(latent_dim, [16], image_shape=MNIST), MLPDecoder(latent_dim, [16], image_shape=MNIST)
+    return VAE(*nets, optimizer=None, latent_dim=latent_dim).eval()
 
 
 @pytest.mark.parametrize("n", [5, 6, 20])

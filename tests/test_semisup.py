@@ -12,7 +12,7 @@ from torch import Tensor
 from torch import distributions as D
 
 from vaelab.config import ConfigError
-from vaelab.data import MNISTDataModule
+from vaelab.data import ImageDataModule
 from vaelab.semisup.data import UNLABELED, SemiSupervisedMNIST, balanced_subset
 from vaelab.semisup.m2 import M2, gaussian_log_likelihood
 
@@ -113,7 +113,7 @@ def make(root, **kwargs) -> SemiSupervisedMNIST:
 
 
 def true_train_labels(root) -> Tensor:
-    dm = MNISTDataModule(root=str(root), val_size=VAL_SIZE)
+    dm = ImageDataModule(root=str(root), val_size=VAL_SIZE)
     dm.setup()
     return dm.splits["train"][1]
 

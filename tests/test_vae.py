@@ -3,6 +3,7 @@
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import MNIST
 from torch import nn
 
 from vaelab.nets.mlp import MLPDecoder, MLPEncoder
@@ -12,7 +13,7 @@ from vaelab.vae import VAE
 
 
 def make_vae(latent_dim=3, **kwargs):
-    return VAE(MLPEncoder(latent_dim, [16]), MLPDecoder(latent_dim, [16]),
+    return VAE(MLPEncoder(latent_dim, [16], image_shape=MNIST), MLPDecoder(latent_dim, [16], image_shape=MNIST),
                lambda params: torch.optim.Adam(params, lr=1e-3), latent_dim, **kwargs)
 
 

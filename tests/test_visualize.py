@@ -17,7 +17,8 @@ from vaelab.config import ConfigError
 from vaelab.train import train
 from vaelab.visualize import main, visualize
 
-NAMES = ["reconstructions", "prior_samples", "latent_scatter", "manifold", "manifold_linear", "interpolations"]
+NAMES = ["reconstructions", "prior_samples", "prior_draws", "latent_scatter", "manifold", "manifold_linear",
+         "interpolations"]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,8 @@ def test_cli_writes_every_picture_into_the_run_dir(checkpoint, monkeypatch, caps
     images = checkpoint.parent.parent.resolve() / "images"
     assert paths == [images / f"{name}.png" for name in NAMES]
     sizes = {name: Image.open(images / f"{name}.png").size[::-1] for name in NAMES}
-    assert sizes == {"reconstructions": (62, 482), "prior_samples": (242, 242), "latent_scatter": (500, 600),
+    assert sizes == {"reconstructions": (62, 482), "prior_samples": (242, 242), "prior_draws": (242, 242),
+                     "latent_scatter": (500, 600),
                      "manifold": (602, 602), "manifold_linear": (602, 602), "interpolations": (242, 362)}
 
 

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from omegaconf import DictConfig, OmegaConf
+
 __version__ = "0.1.0"
 
 
@@ -11,3 +13,14 @@ def config_dir() -> Path:
     if packaged.is_dir():
         return packaged
     return Path(__file__).resolve().parents[2] / "configs"
+
+
+def params_per_channel(likelihood: DictConfig) -> int:
+    """How many numbers per channel and pixel a decoder outputs for the likelihood configured by
+    ``likelihood``: the configs' ``${vaelab.params_per_channel:${model.likelihood}}``."""
+    from vaelab.config import instantiate
+
+    return instantiate(likelihood).params_per_channel
+
+
+OmegaConf.register_new_resolver("vaelab.params_per_channel", params_per_channel, replace=True)

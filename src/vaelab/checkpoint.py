@@ -99,6 +99,17 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def saved_config(checkpoint: dict[str, Any]) -> DictConfig:
+    """The run config saved in a checkpoint. Checkpoints written before the image shape came from
+    the data (all of them 28x28 MNIST) lack it in their networks' configs: it is filled in."""
+    cfg = OmegaConf.create(checkpoint[CONFIG_KEY])
+    for part in ("encoder", "decoder"):
+        node = OmegaConf.select(cfg, f"model.{part}")
+        if node is not None and str(node.get("_target_", "")).startswith("vaelab.nets.") and "image_shape" not in node:
+            node.image_shape = [1, 28, 28]
+    return cfg
+
+
 def model_from_checkpoint(
     checkpoint: dict[str, Any], path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[LightningModule, DictConfig]:
@@ -106,7 +117,7 @@ def model_from_checkpoint(
     (in eval mode), and the run's config; ``path`` names the file in errors."""
     if CONFIG_KEY not in checkpoint:
         raise ConfigError(f"ckpt_path: {path} holds no vaelab config; was it written by vaelab.train?")
-    cfg = OmegaConf.create(checkpoint[CONFIG_KEY])
+    cfg = saved_config(checkpoint)
     model = instantiate(cfg.model)
     check_compatible(model, checkpoint, path)
     model.load_state_dict(checkpoint["state_dict"])

@@ -8,6 +8,7 @@ from typing import Any
 import hydra.utils
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 PRECISIONS = ("32-true", "bf16-mixed")  # the Trainer's precisions the VAE is tested with
 
@@ -28,12 +29,17 @@ def exit_on_config_error() -> Iterator[None]:
 
 def instantiate(node: Any, **kwargs: Any) -> Any:
     """Hydra's ``instantiate``, letting a :class:`ConfigError` raised by a constructor through as
-    itself (Hydra wraps whatever a constructor raises in an ``InstantiationException``)."""
+    itself (Hydra wraps whatever a constructor raises in an ``InstantiationException``, OmegaConf
+    what a resolver raises in an ``InterpolationResolutionError``)."""
     try:
         return hydra.utils.instantiate(node, **kwargs)
     except InstantiationException as err:
         if isinstance(err.__cause__, ConfigError):
             raise err.__cause__ from None
+        raise
+    except InterpolationResolutionError as err:  # from a resolver that instantiates (vaelab.params_per_channel)
+        if isinstance(err.__context__, ConfigError):
+            raise err.__context__ from None
         raise
 
 
@@ -59,7 +65,7 @@ def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` naming the key to change for the first bad value in ``cfg``.
 
     The data protocol (``data.binarize``, ``data.dataset``) is checked, also before training, by
-    :class:`vaelab.data.MNISTDataModule`, where its names live."""
+    :class:`vaelab.data.ImageDataModule`, where its names live."""
     latent_dim = OmegaConf.select(cfg, "model.latent_dim")
     has_latents = "latent_dim" in cfg.model  # a density model without latent variables (model=made) has none
     if has_latents and (not _is_int(latent_dim) or latent_dim <= 0):

@@ -1,7 +1,9 @@
-"""MNIST and Fashion-MNIST as resident tensors, served through real DataLoaders.
+"""Image data sets as resident tensors, served through real DataLoaders.
 
-Every split lives in memory as one float tensor ``[N, 1, 28, 28]`` in [0, 1] (on the training
-device when that is a GPU). :class:`ResidentImages` answers a whole batch of indices with one
+The files (:mod:`vaelab.image_sets`: MNIST, Fashion-MNIST, KMNIST, CIFAR-10, SVHN, a folder of
+images, an ``.npz`` array) are read once; every split then lives in memory as one float tensor
+``[N, C, H, W]`` in [0, 1] (on the training device when that is a GPU), 8-bit level ``k`` as
+``k / 255`` exactly (:mod:`vaelab.likelihoods`). :class:`ResidentImages` answers a whole batch of indices with one
 indexing operation, so a ``DataLoader`` over it does no per-sample work, while Lightning still
 sees an ordinary ``DataLoader`` with an ordinary sampler: under DDP it swaps in a
 ``DistributedSampler`` (every rank runs the same number of steps), under ``overfit_batches`` a
@@ -13,12 +15,15 @@ Binarization protocols (``binarize``), which decide what numbers are comparable 
   batch reaches its device, from a generator seeded by ``(seed, epoch, rank)``; validation and
   test are drawn once with ``eval_seed`` (the same images for every run and every epoch).
 - ``static``: one draw with ``eval_seed`` for every split, fixed for the whole run.
-- ``none``: continuous grey levels in [0, 1] (the classic TensorFlow write-up's setting). A
-  Bernoulli likelihood is not a normalised density of grey levels, so no log-likelihood
-  (``test/nll``) is reported for it.
+- ``none``: the pixels as stored (grey levels or colours), in [0, 1]. A Bernoulli likelihood is
+  not a normalised density of them, so it reports no log-likelihood (``test/nll``); the
+  discretized logistic is (``likelihood=logistic``, docs/likelihoods.md).
+
+The protocols that draw binary pixels are for one-channel images only.
 """
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +31,12 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
-from torchvision import datasets
 
+from vaelab import image_sets
 from vaelab.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-DATASETS = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}
 BINARIZE = ("dynamic", "static", "none")
 
 
@@ -56,9 +60,9 @@ def bernoulli(p: Tensor, generator: torch.Generator) -> Tensor:
 
 
 class ResidentImages(Dataset):
-    """Images ``[N, 1, 28, 28]`` and labels ``[N]`` held as tensors; ``dataset[i]`` is one
+    """Images ``[N, C, H, W]`` and labels ``[N]`` held as tensors; ``dataset[i]`` is one
     ``(x, y)`` pair, and a DataLoader's batch of indices is fetched by one indexing operation
-    (``__getitems__``) as ``(x [B, 1, 28, 28], y [B])``."""
+    (``__getitems__``) as ``(x [B, C, H, W], y [B])``."""
 
     def __init__(self, x: Tensor, y: Tensor) -> None:
         self.x, self.y = x, y
@@ -104,69 +108,35 @@ def resident_loader(dataset: Dataset, batch_size: int, sampler: Sampler | None, 
     return DataLoader(dataset, batch_size, sampler=sampler, collate_fn=whole_batch, generator=_seeded(seed))
 
 
-def first_line(err: BaseException) -> str:
-    """An exception's first line, or its type's name when its message is empty (a bare assert)."""
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
-
-
-def idx_problem(path: Path, ndim: int) -> str | None:
-    """What is wrong with an IDX file of unsigned bytes with ``ndim`` dimensions (MNIST's format:
-    two zero bytes, type 0x08, ``ndim``, then ``ndim`` big-endian sizes, then the data), or None."""
-    with path.open("rb") as f:
-        head = f.read(4 + 4 * ndim)
-    if not head:
-        return "it is empty"
-    if len(head) < 4 or head[:2] != b"\0\0":
-        return f"it is not an IDX file: it begins {head[:16]!r}"
-    if head[2] != 0x08 or head[3] != ndim:
-        dims = f"{ndim} dimension{'s' if ndim > 1 else ''}"
-        return f"its magic number {head[:4].hex()} is not 0000080{ndim} (unsigned bytes, {dims})"
-    if len(head) < 4 + 4 * ndim:
-        return f"it is truncated: {len(head)} bytes, shorter than its header"
-    sizes = [int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    expected, actual = len(head) + int(np.prod(sizes)), path.stat().st_size
-    if actual != expected:
-        shape = "x".join(map(str, sizes))
-        how = "truncated" if actual < expected else "too long"
-        return f"it is {how}: {actual} bytes where its header's {shape} bytes make {expected}"
-    return None
-
-
-def check_idx_files(cls: type, raw: Path) -> None:
-    """Raise :class:`ConfigError` naming the first of ``cls``'s IDX files in ``raw`` that exists
-    but cannot be parsed, and how to get a good copy; absent files are left to the reader."""
-    for url, _ in cls.resources:
-        path = raw / Path(url).stem  # train-images-idx3-ubyte.gz -> train-images-idx3-ubyte
-        problem = idx_problem(path, ndim=3 if "images" in path.name else 1) if path.is_file() else None
-        if problem:
-            raise ConfigError(
-                f"{path} is damaged ({problem}); delete it and run again with data.download=true to "
-                f"download it anew, or replace it with the gunzipped {cls.mirrors[0]}{Path(url).name}"
-            )
-
-
-class MNISTDataModule(pl.LightningDataModule):
-    """MNIST or Fashion-MNIST: 60k training images split (seeded, fixed) into train and
-    validation, and the 10k test images. Batches are ``(x [B, 1, 28, 28], y [B])``.
+class ImageDataModule(pl.LightningDataModule):
+    """An image data set (:mod:`vaelab.image_sets`: torchvision's by name, a folder of images, an
+    ``.npz`` file): its training partition split (seeded, fixed) into train and validation, and
+    its test partition. Batches are ``(x [B, C, H, W], y [B])``.
 
     Args:
-        root: folder holding ``MNIST/raw/`` (or ``FashionMNIST/raw/``); downloaded there if absent.
-        dataset: ``mnist`` or ``fashion_mnist``.
+        root: folder holding torchvision's sets (``MNIST/raw/``, ``cifar-10-batches-py/``, ...);
+            downloaded there if absent.
+        dataset: one of :data:`vaelab.image_sets.SETS`.
+        path: the folder (``dataset=folder``) or ``.npz`` file (``dataset=array``).
+        image_shape: ``(C, H, W)`` the networks are built for; the files must have it. None: the
+            files' (:attr:`image_shape` after :meth:`prepare_data`).
         batch_size: training batch size (per process under DDP). ``eval_batch_size`` is used for
             validation and test.
-        val_size: images held out of the 60k training set for validation.
-        binarize: ``dynamic``, ``static`` or ``none`` (see the module docstring).
+        val_size: images held out of the training partition for validation.
+        binarize: ``dynamic``, ``static`` or ``none`` (see the module docstring); the first two
+            for one-channel images only.
         split_seed: seed of the train/validation split (fixed across runs by default).
         eval_seed: seed of the fixed binarization of validation and test (and of ``static``).
         seed: seed of the training order and of dynamic binarization (the run's seed).
-        download: try to download the files when they are not under ``root``.
+        download: try to download torchvision's files when they are not under ``root``.
     """
 
     def __init__(
         self,
         root: str = "data",
         dataset: str = "mnist",
+        path: str | None = None,
+        image_shape: Sequence[int] | None = None,
         batch_size: int = 128,
         eval_batch_size: int = 1000,
         val_size: int = 10_000,
@@ -177,60 +147,56 @@ class MNISTDataModule(pl.LightningDataModule):
         download: bool = True,
     ) -> None:
         super().__init__()
-        if dataset not in DATASETS:
-            raise ConfigError(f"data.dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
+        if dataset not in image_sets.SETS:
+            raise ConfigError(f"data.dataset must be one of {', '.join(image_sets.SETS)}, got {dataset!r}")
         if binarize not in BINARIZE:
             raise ConfigError(f"data.binarize must be one of {', '.join(BINARIZE)}, got {binarize!r}")
         self.root, self.dataset, self.download = Path(root).expanduser(), dataset, download
+        self.path = Path(path).expanduser() if path is not None else None
+        self.image_shape = tuple(image_shape) if image_shape is not None else None
         self.batch_size, self.eval_batch_size, self.val_size = batch_size, eval_batch_size, val_size
         self.binarize, self.split_seed, self.eval_seed, self.seed = binarize, split_seed, eval_seed, seed
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
-        self.files: dict[bool, tuple[Tensor, Tensor]] = {}  # train? -> (images uint8, labels), read once
+        self.files: dict[str, image_sets.Partition] = {}  # "train"/"test" -> (images as stored, labels), read once
         self.generator: torch.Generator | None = None
         self.generator_epoch = -1
 
     @property
-    def binary(self) -> bool:
-        """Whether every image is 0/1, so that a Bernoulli likelihood is a normalised density."""
-        return self.binarize != "none"
+    def kind(self) -> str:
+        """What the pixels are (:data:`vaelab.likelihoods.DATA_KINDS`), once the files are read:
+        ``binary`` under a binarization protocol, else ``8bit`` for images stored as ``uint8``,
+        ``continuous`` for a float array."""
+        if self.binarize != "none":
+            return "binary"
+        return "8bit" if self._read()["train"][0].dtype == torch.uint8 else "continuous"
 
-    def _load(self, train: bool) -> tuple[Tensor, Tensor]:
-        """``(images [N, 1, 28, 28] float in [0, 1], labels [N] int64)`` of one torchvision split."""
-        images, labels = self._read(train)
-        return images.unsqueeze(1).float().div_(255), labels.long()
-
-    def _read(self, train: bool) -> tuple[Tensor, Tensor]:
-        """One split's files as torchvision reads them (``uint8 [N, 28, 28]``, labels), downloaded
-        if absent, read once: Lightning calls ``prepare_data`` again for every stage it runs."""
-        if train in self.files:
-            return self.files[train]
-        cls = DATASETS[self.dataset]
-        raw = self.root / cls.__name__ / "raw"
-        check_idx_files(cls, raw)  # torchvision's reader fails on a bad file with a bare assert
-        try:
-            ds = cls(str(self.root), train=train, download=self.download)
-        except Exception as err:  # torchvision raises RuntimeError / URLError without network
-            check_idx_files(cls, raw)  # what a download left
-            if all((raw / Path(url).stem).is_file() for url, _ in cls.resources):
-                raise ConfigError(f"{cls.__name__} under {raw} could not be read: {first_line(err)}") from err
-            files = ", ".join(Path(url).name for url, _ in cls.resources)
-            why = f" and could not be downloaded ({first_line(err)})" if self.download else ""
+    def _read(self) -> dict[str, image_sets.Partition]:
+        """The two partitions as stored, read once (Lightning calls ``prepare_data`` again for every
+        stage it runs), checked against ``image_shape`` and the binarization protocol."""
+        if self.files:
+            return self.files
+        files = image_sets.read(self.dataset, self.root, self.path, self.download)
+        shape = tuple(files["train"][0].shape[1:])
+        if self.image_shape is not None and self.image_shape != shape:
             raise ConfigError(
-                f"{cls.__name__} is not under {raw}{why}. Put the four IDX files ({files}) in "
-                f"{raw}/, or set data.root (or $VAELAB_DATA) to the folder that holds {cls.__name__}/raw/."
-            ) from err
-        self.files[train] = ds.data, ds.targets
-        return self.files[train]
+                f"data.image_shape is {list(self.image_shape)}, but the {self.dataset} images are {list(shape)} "
+                "(channels, height, width); set data.image_shape to theirs, or to null to take it from the files"
+            )
+        if self.binarize != "none" and shape[0] != 1:
+            raise ConfigError(
+                f"data.binarize={self.binarize} draws binary pixels from grey levels, but {self.dataset} has "
+                f"{shape[0]} channels; use data.binarize=none"
+            )
+        self.files, self.image_shape = files, shape
+        return files
 
     def prepare_data(self) -> None:
-        for train in (True, False):
-            self._read(train)
+        self._read()
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        train_x, train_y = self._load(train=True)
-        test_x, test_y = self._load(train=False)
+        (train_x, train_y), (test_x, test_y) = (self._as_float(*self._read()[name]) for name in ("train", "test"))
         if not 0 < self.val_size < len(train_x):
             raise ConfigError(f"data.val_size must be between 1 and {len(train_x) - 1}, got {self.val_size}")
         order = torch.randperm(len(train_x), generator=_seeded(self.split_seed))
@@ -247,6 +213,11 @@ class MNISTDataModule(pl.LightningDataModule):
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         self.splits = {name: (x.to(device), y.to(device)) for name, (x, y) in splits.items()}
         log.info("%s: %s", self.dataset, {name: len(x) for name, (x, _) in self.splits.items()})
+
+    @staticmethod
+    def _as_float(images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """``(images [N, C, H, W] float32 in [0, 1], labels)``: 8-bit level ``k`` becomes ``k / 255``."""
+        return (images.float().div_(255) if images.dtype == torch.uint8 else images), labels
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         dataset = ResidentImages(*self.splits[split])
@@ -277,3 +248,6 @@ class MNISTDataModule(pl.LightningDataModule):
             self.generator = _seeded(rank_seed(self.seed, trainer.global_rank, epoch), x.device)
             self.generator_epoch = trainer.current_epoch
         return bernoulli(x, self.generator), y
+
+
+MNISTDataModule = ImageDataModule  # the name in the configs saved in checkpoints written before other data sets

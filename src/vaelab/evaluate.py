@@ -5,11 +5,13 @@ split by importance sampling (:mod:`vaelab.likelihood`) and the latent diagnosti
 (:mod:`vaelab.diagnostics`), and writes into the checkpoint's run directory (or ``out_dir``):
 
 - ``evaluation.json``: flat keys ``<split>/elbo``, ``<split>/rec``, ``<split>/kl``, ``<split>/nll``
-  (the IW estimate of ``-log p(x)``, positive nats per image; not reported for grey-level data,
-  ``binarize=none``, whose Bernoulli term is not a normalised likelihood), ``<split>/bits_per_dim``,
-  ``<split>/active_units``, ``<split>/kl_per_dim`` (a list), and the protocol: ``iw_samples``,
-  ``binarize``, ``split``, ``n_images``, ``epochs``, ``seed``, ``ckpt_path``, ``seconds`` (the
-  time of the estimate);
+  (the IW estimate of ``-log p(x)``, positive nats per image of the data as stored),
+  ``<split>/bits_per_dim``, ``<split>/active_units``, ``<split>/kl_per_dim`` (a list), and the
+  protocol: ``iw_samples``, ``binarize``, ``split``, ``n_images``, ``epochs``, ``seed``,
+  ``ckpt_path``, ``seconds`` (the time of the estimate). A continuous density (the continuous
+  Bernoulli) writes ``<split>/nll_continuous`` and ``<split>/bits_per_dim_continuous`` instead; a
+  likelihood that is not a normalised density of the data (Bernoulli on grey levels) is refused
+  before any work, as there is no NLL to estimate (:mod:`vaelab.likelihoods`);
 - ``kl_per_dim.png``, also added to the run's TensorBoard.
 
 A model with an exact likelihood and no latent variables (``model=made``) gets its exact
@@ -20,7 +22,6 @@ The ELBO terms come from the same ``K`` samples: ``elbo = mean_k log w_k``,
 """
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ from vaelab.diagnostics import (
     posterior_summary,
 )
 from vaelab.likelihood import iw_estimates
+from vaelab.likelihoods import bits_per_dim, nll_keys
+from vaelab.likelihoods.bernoulli import Bernoulli
 
 SPLITS = ("train", "val", "test")
 
@@ -61,14 +64,29 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {cfg.split!r}")
 
 
-def load_split(data_cfg: DictConfig, split: str, device: torch.device) -> Tensor:
-    """The images ``[N, 1, 28, 28]`` of a split, binarized by the protocol in ``data_cfg``."""
+def load_split(data_cfg: DictConfig, split: str, device: torch.device) -> tuple[Tensor, str]:
+    """The images ``[N, C, H, W]`` of a split, binarized by the protocol in ``data_cfg``, and what
+    their pixels are (:data:`vaelab.likelihoods.DATA_KINDS`)."""
     datamodule = instantiate(data_cfg)
     datamodule.setup()
     x, _ = datamodule.splits[split]
     if split == "train" and data_cfg.binarize == "dynamic":  # fixed once, like val and test
         x = torch.bernoulli(x, generator=torch.Generator().manual_seed(data_cfg.eval_seed))
-    return x.to(device)
+    return x.to(device), datamodule.kind
+
+
+def density_of(model: Any, data: str, binarize: str) -> str:
+    """What the model's NLL on ``data`` is (``discrete`` or ``continuous``), or a
+    :class:`ConfigError` where its likelihood is not a normalised density of them."""
+    likelihood = getattr(model, "likelihood", Bernoulli())  # MADE: a Bernoulli per pixel
+    density = likelihood.nll(data)
+    if density is None:
+        raise ConfigError(
+            f"this model's likelihood ({type(likelihood).__name__}) is not a normalised density of {data} data "
+            f"(data.binarize={binarize}), so it has no NLL to estimate; train with likelihood=logistic (8-bit "
+            "data) or likelihood=continuous_bernoulli"
+        )
+    return density
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -82,9 +100,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     for key, value in cfg.data.items():
         if value is not None:
             train_cfg.data[key] = value
+    x, data = load_split(train_cfg.data, cfg.split, device)
+    density = density_of(model, data, train_cfg.data.binarize)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else run_directory(ckpt_path)
     out_dir.mkdir(parents=True, exist_ok=True)
-    x = load_split(train_cfg.data, cfg.split, device)
 
     torch.manual_seed(cfg.seed)
     s, start = cfg.split, time.perf_counter()
@@ -95,10 +114,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             log_px = torch.cat([model.log_prob(xb) for xb in x.split(1000)])
         results = {f"{s}/nll": -log_px.double().mean().item(), "iw_samples": None}
     seconds = time.perf_counter() - start
-    if train_cfg.data.binarize == "none":  # grey levels: the Bernoulli term is not a likelihood
-        results = {k: v for k, v in results.items() if k not in (f"{s}/nll", f"{s}/bits_per_dim")}
-    elif f"{s}/nll" in results:
-        results[f"{s}/bits_per_dim"] = results[f"{s}/nll"] / (x[0].numel() * math.log(2))
+    nll_key, bits_key = nll_keys(s, density)
+    results[nll_key] = results.pop(f"{s}/nll")
+    results[bits_key] = bits_per_dim(results[nll_key], x.shape[1:])
     results |= {
         "binarize": train_cfg.data.binarize,
         "split": s,

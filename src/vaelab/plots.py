@@ -1,8 +1,9 @@
 """Pictures of a VAE: functions from tensors (and a VAE's ``encode``/``decode``) to images.
 
 Every picture is returned as a float tensor ``[3, H, W]`` in [0, 1] on the CPU, ready for
-``torchvision.utils.save_image`` and TensorBoard's ``add_image``. Decoded images are decoder
-means, ``sigmoid(decode(z))``. The model functions run without gradients; putting the model in
+``torchvision.utils.save_image`` and TensorBoard's ``add_image``; images of any shape ``[C, H, W]``
+(one channel: grey, three: colour). Decoded images are the likelihood's means,
+``likelihood.mean(decode(z))``. The model functions run without gradients; putting the model in
 eval mode is the caller's job. Matplotlib is used through its Agg canvas only (no pyplot state).
 """
 
@@ -112,25 +113,34 @@ def device_of(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def encode_means(model: nn.Module, x: Tensor, batch_size: int = 1000) -> Tensor:
-    """The posterior's point summaries ``[N, latent_dim]`` of ``x [N, 1, 28, 28]`` (the mean of a
+    """The posterior's point summaries ``[N, latent_dim]`` of ``x [N, C, H, W]`` (the mean of a
     Gaussian posterior; the flow at eps = 0 for an IAF), in batches."""
     return torch.cat([model.encode(batch).point() for batch in x.split(batch_size)])
 
 
 @torch.no_grad()
 def decode_means(model: nn.Module, z: Tensor) -> Tensor:
-    """Decoder means (pixel probabilities) ``[..., 1, 28, 28]`` of ``z [..., latent_dim]``."""
-    return torch.sigmoid(model.decode(z))
+    """The likelihood's means ``[..., C, H, W]`` in [0, 1] at ``z [..., latent_dim]``."""
+    return model.likelihood.mean(model.decode(z))
 
 
 def reconstructions(model: nn.Module, x: Tensor) -> Tensor:
-    """A row of images ``x [n, 1, 28, 28]`` above a row of their reconstructions."""
+    """A row of images ``x [n, C, H, W]`` above a row of their reconstructions."""
     return image_grid(torch.cat([x, decode_means(model, encode_means(model, x))]), nrow=len(x))
 
 
 def prior_samples(model: nn.Module, z: Tensor, nrow: int = 8) -> Tensor:
     """Decoded draws ``z [n, latent_dim]`` from the prior, ``nrow`` per row."""
     return image_grid(decode_means(model, z.to(device_of(model))), nrow=nrow)
+
+
+@torch.no_grad()
+def prior_draws(model: nn.Module, z: Tensor, nrow: int = 8, seed: int = 0) -> Tensor:
+    """Images drawn from the likelihood, ``x ~ p(x|z)``, at prior draws ``z [n, latent_dim]``,
+    ``nrow`` per row: the pixel noise the model believes in (the means hide it)."""
+    params = model.decode(z.to(device_of(model)))
+    generator = torch.Generator(params.device).manual_seed(seed)
+    return image_grid(model.likelihood.sample(params, generator), nrow=nrow)
 
 
 def manifold(
@@ -163,11 +173,11 @@ def manifold(
 
 
 def interpolations(model: nn.Module, start: Tensor, end: Tensor, steps: int = 10) -> Tensor:
-    """One row per pair ``(start[i], end[i])`` of images ``[P, 1, 28, 28]``: the start image,
+    """One row per pair ``(start[i], end[i])`` of images ``[P, C, H, W]``: the start image,
     ``steps`` decodings along the straight line between their posterior means, the end image."""
     a, b = encode_means(model, start), encode_means(model, end)
     weights = torch.linspace(0, 1, steps, device=a.device).view(1, steps, 1)
-    path = decode_means(model, a.unsqueeze(1) + weights * (b - a).unsqueeze(1))  # [P, steps, 1, 28, 28]
+    path = decode_means(model, a.unsqueeze(1) + weights * (b - a).unsqueeze(1))  # [P, steps, C, H, W]
     rows = torch.cat([start.unsqueeze(1), path, end.unsqueeze(1)], dim=1)
     return image_grid(rows.flatten(0, 1), nrow=steps + 2)
 

@@ -123,10 +123,13 @@ HPARAMS = {
     "dataset": ("data.dataset",),
 }
 # their class names, e.g. posterior: IAF (prior and likelihood where the model config has them)
-CLASS_HPARAMS = ("encoder", "decoder", "posterior", "objective", "prior", "likelihood")
+# Model parts shown by class name (e.g. q(z|x): IAFPosterior), under the names of the maths for the
+# distributions, which also sort them after lr (below).
+CLASS_HPARAMS = {"encoder": "encoder", "decoder": "decoder", "objective": "objective",
+                 "posterior": "q(z|x)", "prior": "p(z)", "likelihood": "p(x|z)"}
 # The HParams tab lists first, and checks the first five of, the columns marked as differing across
 # runs, each group by name; without marks its first five were batch_size, beta, binarize, dataset, decoder.
-SHOWN_FIRST = ("latent_dim", "lr", "dropout", "l2", "beta", "posterior", "objective", "prior", "likelihood")
+SHOWN_FIRST = ("latent_dim", "lr", "dropout", "l2", "beta", "objective", "q(z|x)", "p(z)", "p(x|z)")
 
 
 def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
@@ -138,10 +141,10 @@ def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
         value = next((v for v in values if v is not None), None)
         if value is not None:
             params[name] = value
-    for part in CLASS_HPARAMS:
+    for part, column in CLASS_HPARAMS.items():
         target = OmegaConf.select(cfg, f"model.{part}._target_")
         if target:
-            params[part] = target.rsplit(".", 1)[-1]
+            params[column] = target.rsplit(".", 1)[-1]
     return params
 
 
@@ -173,6 +176,20 @@ def stop_if_terminated(trainer: pl.Trainer) -> None:
         raise SIGTERMException
 
 
+def check_likelihood(cfg: DictConfig, data: str) -> None:
+    """Refuse a likelihood that cannot model ``data`` (a kind of :data:`vaelab.likelihoods.DATA_KINDS`);
+    where it models them without a normalised density (Bernoulli on grey levels), say so once
+    and skip the test stage's NLL (``model.iw_samples_test=0``, also in the saved config)."""
+    node = OmegaConf.select(cfg, "model.likelihood")
+    if node is None:  # a model with its own likelihood (model=made, model=m2)
+        return
+    if instantiate(node).nll(data) is None and OmegaConf.select(cfg, "model.iw_samples_test"):
+        log.warning("%s is not a normalised density of %s data (data.binarize=%s), so this run reports no "
+                    "test/nll or test/bits_per_dim (docs/likelihoods.md)", node._target_.rsplit(".", 1)[-1], data,
+                    cfg.data.binarize)
+        cfg.model.iw_samples_test = 0
+
+
 def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
     """Fit, then validate and test the best checkpoint; return the metrics written to ``metrics.json``.
 
@@ -193,16 +210,16 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = instantiate(cfg.data)
-    if not getattr(datamodule, "binary", True) and OmegaConf.select(cfg, "model.iw_samples_test"):
-        log.info("data.binarize=none: grey levels have no Bernoulli likelihood, so no test/nll or test/bits_per_dim")
-        cfg.model.iw_samples_test = 0  # also in the saved config and checkpoints
+    datamodule.prepare_data()  # missing data fails here, before the Trainer starts
+    if cfg.data.get("image_shape", 0) is None:  # data=folder|array: the networks take the files' shape
+        cfg.data.image_shape = list(datamodule.image_shape)  # also in the saved config and checkpoints
+    check_likelihood(cfg, datamodule.kind)
     model = instantiate(cfg.model)
     if ckpt_path:
         checkpoint = read_checkpoint(ckpt_path)
         check_compatible(model, checkpoint, ckpt_path)
         if sweep_job and own_last:  # its own checkpoint, not one given to every job
             check_same_settings(checkpoint, cfg, ckpt_path)
-    datamodule.prepare_data()  # missing data fails here, before the Trainer starts
 
     callbacks = [RankSeed(cfg.seed), *instantiate_callbacks(cfg), SaveConfigInCheckpoint(cfg)]
     # ResumeRandomState last: its on_train_start sets the random streams after every other callback's

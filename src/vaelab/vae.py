@@ -1,8 +1,9 @@
 """The VAE as a LightningModule: encoder, posterior, decoder, prior and a training objective.
 
 ``q(z|x)`` is a pluggable posterior (:mod:`vaelab.posteriors`) fed by the encoder, ``p(z)`` a
-pluggable prior (:mod:`vaelab.priors`: ``N(0, I)`` by default), the likelihood ``p(x|z) =
-Bernoulli(sigmoid(decoder(z)))`` per pixel. Optional stochastic layers above the first
+pluggable prior (:mod:`vaelab.priors`: ``N(0, I)`` by default), the likelihood ``p(x|z)`` a
+pluggable family (:mod:`vaelab.likelihoods`: Bernoulli by default) whose parameters the decoder
+returns. Optional stochastic layers above the first
 (:mod:`vaelab.hierarchy`) make it a hierarchy ``p(z_L) ... p(z_1|z_2) p(x|z_1)`` with ``q(z_1|x)
 ... q(z_L|z_{L-1})``; every objective and estimator reads the same three log-densities
 (:meth:`VAE.forward`), so there is one place where a hierarchy's terms are added up. The training
@@ -13,11 +14,10 @@ pixels, ``kl`` summed over latent dimensions (and layers), both averaged over th
 ``elbo = -(rec + kl)``.
 
 Precision: under ``trainer.precision=bf16-mixed`` the networks run in bfloat16 (autocast), but
-the encoder's outputs and the decoder's logits are returned in the dtype of the input (float32),
+the encoder's outputs and the decoder's parameters are returned in the dtype of the input (float32),
 and the log-densities are computed in float32, so logged nats keep float32 resolution.
 """
 
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -28,7 +28,9 @@ from torch.optim import Optimizer
 from vaelab.config import ConfigError
 from vaelab.hierarchy import StochasticLayer, check_stack, mean_path
 from vaelab.likelihood import iw_estimates
-from vaelab.objectives import ELBO, LogDensities, bernoulli_log_likelihood, elbo_terms
+from vaelab.likelihoods import Likelihood, bits_per_dim, nll_keys
+from vaelab.likelihoods.bernoulli import Bernoulli
+from vaelab.objectives import ELBO, LogDensities, elbo_terms
 from vaelab.optim import Optimization
 from vaelab.posteriors import PosteriorBatch
 from vaelab.posteriors.gaussian import DiagonalGaussian, GaussianPosterior
@@ -50,21 +52,24 @@ class VAE(Optimization):
     """A VAE with pluggable networks, posterior, prior and objective.
 
     Args:
-        encoder: ``x [B, 1, 28, 28] -> (mean, log_var)`` or ``(mean, log_var, context)``, each
+        encoder: ``x [B, C, H, W] -> (mean, log_var)`` or ``(mean, log_var, context)``, each
             ``[B, D_1]`` (the context ``[B, context_dim]``, for posteriors that use one).
-        decoder: ``z_1 [..., D_1] -> logits [..., 1, 28, 28]``.
+        decoder: ``z_1 [..., D_1] -> params [..., P * C, H, W]``, the likelihood's ``P`` parameters
+            per channel and pixel.
         optimizer: a partial optimizer, called with the parameter groups (Adam by default).
         latent_dim: size of the top latent layer (``D_1`` without ``layers``), the one the prior
             scores and the pictures draw.
         posterior: turns the encoder's output into ``q(z_1|x)`` (default: diagonal Gaussian).
         objective: the training loss from the log-densities (default: the ELBO).
+        likelihood: ``p(x|z)`` from the decoder's parameters (default: Bernoulli).
         prior: ``p(z)`` of the top layer (default: ``N(0, I)``).
         layers: stochastic layers above the first (:class:`vaelab.hierarchy.StochasticLayer`), bottom
             first; none gives the one-layer VAE.
         l2: L2 weight decay on weight matrices only (not biases), applied through the
             optimizer's ``weight_decay``; with Adam this is the gradient of the penalty
             ``l2/2 * sum ||W||^2`` (``tf.nn.l2_loss``), which is not part of the logged loss.
-        iw_samples_test: K of the importance-weighted ``test/nll`` (and ``test/bits_per_dim``)
+        iw_samples_test: K of the importance-weighted ``test/nll`` (and ``test/bits_per_dim``;
+            ``_continuous`` names for a density on [0, 1], :func:`vaelab.likelihoods.nll_keys`)
             logged by the test stage; 0 skips it.
         compile: compile :meth:`forward` (networks, posterior and log-densities) with
             ``torch.compile``, in place, when a Trainer sets the model up (:meth:`configure_model`).
@@ -78,6 +83,7 @@ class VAE(Optimization):
         latent_dim: int,
         posterior: nn.Module | None = None,
         objective: Callable[[LogDensities, int], Tensor] | None = None,
+        likelihood: Likelihood | None = None,
         l2: float = 0.0,
         iw_samples_test: int = 0,
         compile: bool = False,
@@ -85,11 +91,12 @@ class VAE(Optimization):
         layers: Sequence[StochasticLayer] = (),
     ) -> None:
         super().__init__()
-        modules = ["encoder", "decoder", "optimizer", "posterior", "objective", "prior", "layers"]
+        modules = ["encoder", "decoder", "optimizer", "posterior", "objective", "likelihood", "prior", "layers"]
         self.save_hyperparameters(ignore=modules)
         self.encoder, self.decoder, self.optimizer = encoder, decoder, optimizer
         self.posterior = posterior if posterior is not None else GaussianPosterior()
         self.objective = objective if objective is not None else ELBO()
+        self.likelihood = likelihood if likelihood is not None else Bernoulli()
         self.prior = prior if prior is not None else NormalPrior(latent_dim)
         self.layers = nn.ModuleList(layers)
         self.latent_dim, self.l2, self.iw_samples_test = latent_dim, l2, iw_samples_test
@@ -134,7 +141,7 @@ class VAE(Optimization):
         self.compiled = True
 
     def posterior_of(self, x: Tensor) -> PosteriorBatch:
-        """``q(z_1|x)`` of a batch ``x [B, 1, 28, 28]`` (the first latent layer)."""
+        """``q(z_1|x)`` of a batch ``x [B, C, H, W]`` (the first latent layer)."""
         outputs = [t.to(x.dtype) for t in self.encoder(x)]
         return self.posterior(*outputs)
 
@@ -148,8 +155,8 @@ class VAE(Optimization):
         return self.layers[-1].up(mean_path(q.point(), [layer.up for layer in self.layers[:-1]]))
 
     def decode(self, z: Tensor) -> Tensor:
-        """``z [..., latent_dim]`` of the top layer ``->`` Bernoulli logits ``[..., 1, 28, 28]``;
-        for a hierarchy through the means of ``p(z_l|z_{l+1})``."""
+        """``z [..., latent_dim]`` of the top layer ``->`` the likelihood's parameters ``[..., P * C,
+        H, W]``; for a hierarchy through the means of ``p(z_l|z_{l+1})``."""
         z = mean_path(z, [layer.down for layer in reversed(self.layers)])
         return self.decoder(z).to(z.dtype)
 
@@ -175,8 +182,8 @@ class VAE(Optimization):
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
-        """Decoder means (pixel probabilities) at the posterior's point summary: ``[B, 1, 28, 28]``."""
-        return torch.sigmoid(self.decode(self.encode(x).point()))
+        """The likelihood's means at the posterior's point summary: ``[B, C, H, W]``."""
+        return self.likelihood.mean(self.decode(self.encode(x).point()))
 
     @torch.no_grad()
     def sample_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -185,8 +192,8 @@ class VAE(Optimization):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """Decoder means of ``n`` draws from the prior: ``[n, 1, 28, 28]``."""
-        return torch.sigmoid(self.decode(self.sample_latents(n, generator)))
+        """The likelihood's means at ``n`` draws from the prior: ``[n, C, H, W]``."""
+        return self.likelihood.mean(self.decode(self.sample_latents(n, generator)))
 
     @torch.no_grad()
     def prior_icdf(self, probs: Tensor) -> Tensor:
@@ -230,7 +237,7 @@ class VAE(Optimization):
         log_pz = p.log_prob(latents[-1])
         for layer, below, above in zip(self.layers, latents[:-1], latents[1:], strict=True):
             log_pz = log_pz + layer.down(above).log_prob_dims(below).sum(-1)
-        log_px_z = bernoulli_log_likelihood(self.decoder(latents[0]).to(x.dtype), x)
+        log_px_z = self.likelihood.log_prob(self.decoder(latents[0]).to(x.dtype), x)
         kl = None
         if not self.layers and self.prior.factorises:
             kl = p.kl(q)
@@ -272,8 +279,8 @@ class VAE(Optimization):
         self._log_elbo(self(x), "test", len(x))
         if self.iw_samples_test > 0:
             nll = -iw_estimates(self, x, self.iw_samples_test).log_px.mean()
-            bits_per_dim = nll / (x[0].numel() * math.log(2))
-            metrics = {"test/nll": nll, "test/bits_per_dim": bits_per_dim}
+            names = nll_keys("test", self.likelihood.density)
+            metrics = dict(zip(names, (nll, bits_per_dim(nll, x.shape[1:])), strict=True))
             self.log_dict(metrics, on_epoch=True, batch_size=float(len(x)), sync_dist=True)
 
     def _log_elbo(self, d: LogDensities, stage: str, batch_size: int) -> None:

@@ -1,5 +1,6 @@
 """``python -m vaelab.visualize ckpt_path=<ckpt> [out_dir=...] [data.root=...]``: every picture
-of a checkpoint as a PNG (reconstructions, prior samples, latent scatter, manifold with quantile
+of a checkpoint as a PNG (reconstructions, prior samples (the likelihood's means) and prior draws
+(images drawn from the likelihood), latent scatter, manifold with quantile
 and linear spacing, interpolations; for a model without latent variables, MADE, its samples);
 prints the paths.
 
@@ -51,6 +52,7 @@ def visualize(cfg: DictConfig) -> list[Path]:
     pictures = {
         "reconstructions": plots.reconstructions(model, x[: cfg.n_images]),
         "prior_samples": plots.prior_samples(model, z),
+        "prior_draws": plots.prior_draws(model, z, seed=cfg.seed),
         "latent_scatter": plots.latent_scatter(model, x[: cfg.n_points], y[: cfg.n_points], title=title),
         "manifold": plots.manifold(model, spacing="quantile", **grid),
         "manifold_linear": plots.manifold(model, spacing="linear", **grid),

@@ -1,10 +1,13 @@
-"""Convolutional encoder and transposed-convolution decoder for small images (28x28 MNIST).
+"""Convolutional encoder and transposed-convolution decoder for small images of any shape
+``(C, H, W)``.
 
-The encoder is a stack of stride-2 convolutions (28 -> 14 -> 7 for two layers) and dense layers;
+The encoder is a stack of stride-2 convolutions (each halves the height and width, rounding up)
+and dense layers;
 it returns what :class:`vaelab.nets.mlp.MLPEncoder` returns: ``(mean, log_var)`` (the
 log-*variance*) and a context vector for posteriors that use one (IAF) when ``context_dim > 0``.
 The decoder is the mirror image, dense layers then stride-2 transposed convolutions back to the
-image size, and returns Bernoulli logits shaped like the image.
+image size, and returns the likelihood's parameters, ``params_per_channel`` maps per image channel
+(:mod:`vaelab.likelihoods`).
 
 There is no normalisation layer: batch statistics (BatchNorm) would make an image's output depend
 on the other samples in its batch, and so the importance-weighted estimate depend on how many
@@ -85,7 +88,8 @@ class ConvEncoder(nn.Module):
         kernel_sizes: Sequence[int] = (4, 4),
         hidden_dims: Sequence[int] = (256,),
         dropout: float = 0.0,
-        image_shape: Sequence[int] = (1, 28, 28),
+        *,
+        image_shape: Sequence[int],
         context_dim: int = 0,
     ) -> None:
         super().__init__()
@@ -113,14 +117,15 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """``z [..., latent_dim] -> logits [..., *image_shape]``, for any leading dimensions
-    (``[B, D]``, ``[K, B, D]``, ...): they are flattened into one batch and restored.
+    """``z [..., latent_dim] -> params [..., params_per_channel * C, H, W]`` for ``image_shape``
+    ``(C, H, W)``, for any leading dimensions (``[B, D]``, ``[K, B, D]``, ...): they are flattened
+    into one batch and restored.
 
     The mirror image of :class:`ConvEncoder` with the same arguments: dense layers of
     ``reversed(hidden_dims)`` (ELU), a dense layer to ``channels[-1]`` maps of the encoder's last
     map size, then stride-2 transposed convolutions through ``reversed(channels)`` to the image's
     channels (ELU between them, none after the last), each restoring the size its encoder layer
-    took.
+    took; the last has ``params_per_channel * C`` output maps.
     """
 
     def __init__(
@@ -130,18 +135,21 @@ class ConvDecoder(nn.Module):
         kernel_sizes: Sequence[int] = (4, 4),
         hidden_dims: Sequence[int] = (256,),
         dropout: float = 0.0,
-        image_shape: Sequence[int] = (1, 28, 28),
+        *,
+        image_shape: Sequence[int],
+        params_per_channel: int = 1,
     ) -> None:
         super().__init__()
         sizes = _check(latent_dim, channels, kernel_sizes, hidden_dims, dropout, image_shape)
-        self.latent_dim, self.image_shape = latent_dim, tuple(image_shape)
+        self.latent_dim = latent_dim
+        self.out_shape = (params_per_channel * image_shape[0], *image_shape[1:])
         layers: list[nn.Module] = []
         features = [latent_dim, *reversed(hidden_dims)]
         for n_in, n_out in zip(features[:-1], features[1:], strict=True):
             layers += [nn.Linear(n_in, n_out), *_hidden(dropout)]
         layers += [nn.Linear(features[-1], channels[-1] * prod(sizes[-1])), *_hidden(dropout)]
         layers.append(nn.Unflatten(1, (channels[-1], *sizes[-1])))
-        maps = [image_shape[0], *channels]  # maps[i] -> maps[i + 1] is encoder layer i
+        maps = [self.out_shape[0], *channels]  # maps[i + 1] -> maps[i] undoes encoder layer i
         for i in reversed(range(len(channels))):
             k, p = kernel_sizes[i], _padding(kernel_sizes[i])
             # The output padding that brings (size - 1) * 2 - 2p + k back to the encoder's input size.
@@ -152,5 +160,5 @@ class ConvDecoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: Tensor) -> Tensor:
-        logits = self.net(z.reshape(-1, self.latent_dim))
-        return logits.reshape(*z.shape[:-1], *self.image_shape)
+        params = self.net(z.reshape(-1, self.latent_dim))
+        return params.reshape(*z.shape[:-1], *self.out_shape)

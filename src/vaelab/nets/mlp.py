@@ -1,9 +1,10 @@
-"""Fully connected encoder and decoder (the 784-500-500-z architecture of the classic write-ups).
+"""Fully connected encoder and decoder (the classic write-ups' two hidden layers of 500): the
+input and output widths come from the image shape ``(C, H, W)``.
 
 The encoder returns the parameters of a diagonal Gaussian as ``(mean, log_var)`` (the
 log-*variance*, everywhere in vaelab), plus a context vector for posteriors that use one (IAF)
-when ``context_dim > 0``. The decoder returns Bernoulli logits shaped like the
-image, so ``sigmoid(logits)`` is the decoder mean.
+when ``context_dim > 0``. The decoder returns the likelihood's parameters, ``params_per_channel``
+numbers per channel and pixel, as ``[..., params_per_channel * C, H, W]`` (:mod:`vaelab.likelihoods`).
 """
 
 from collections.abc import Sequence
@@ -74,7 +75,8 @@ class MLPEncoder(nn.Module):
         latent_dim: int,
         hidden_dims: Sequence[int] = (500, 500),
         dropout: float = 0.0,
-        image_shape: Sequence[int] = (1, 28, 28),
+        *,
+        image_shape: Sequence[int],
         weight_dropout: float = 0.0,
         context_dim: int = 0,
         activation: str = "elu",
@@ -94,7 +96,8 @@ class MLPEncoder(nn.Module):
 
 
 class MLPDecoder(nn.Module):
-    """``z [..., latent_dim] -> logits [..., *image_shape]``.
+    """``z [..., latent_dim] -> params [..., params_per_channel * C, H, W]`` for ``image_shape``
+    ``(C, H, W)``.
 
     ``hidden_dims`` are given in the encoder's order and applied reversed, so the same list
     describes a symmetric pair.
@@ -105,18 +108,20 @@ class MLPDecoder(nn.Module):
         latent_dim: int,
         hidden_dims: Sequence[int] = (500, 500),
         dropout: float = 0.0,
-        image_shape: Sequence[int] = (1, 28, 28),
+        *,
+        image_shape: Sequence[int],
+        params_per_channel: int = 1,
         weight_dropout: float = 0.0,
         activation: str = "elu",
     ) -> None:
         super().__init__()
         _check(latent_dim, hidden_dims, dropout, weight_dropout)
-        self.image_shape = tuple(image_shape)
-        sizes = [latent_dim, *reversed(hidden_dims), prod(image_shape)]
+        channels, height, width = image_shape
+        self.out_shape = (params_per_channel * channels, height, width)
+        sizes = [latent_dim, *reversed(hidden_dims), prod(self.out_shape)]
         self.net = mlp(sizes, dropout, weight_dropout, activation)
 
     def forward(self, z: Tensor) -> Tensor:
-        logits = self.net(z)
-        return logits.unflatten(-1, self.image_shape)
+        return self.net(z).unflatten(-1, self.out_shape)
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import Sampler
 
 from vaelab.config import ConfigError
-from vaelab.data import EpochShuffle, MNISTDataModule, ResidentImages, _seeded, rank_seed, resident_loader
+from vaelab.data import EpochShuffle, ImageDataModule, ResidentImages, _seeded, rank_seed, resident_loader
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,8 @@ class Cycled(Sampler):
         return iter(order[: self.length].tolist())
 
 
-class SemiSupervisedMNIST(MNISTDataModule):
-    """:class:`vaelab.data.MNISTDataModule` with ``labels_per_class`` labels per class kept in the
+class SemiSupervisedMNIST(ImageDataModule):
+    """:class:`vaelab.data.ImageDataModule` with ``labels_per_class`` labels per class kept in the
     training split (see the module docstring); validation and test batches are ``(x, y)`` as usual.
 
     Args:
@@ -79,7 +79,7 @@ class SemiSupervisedMNIST(MNISTDataModule):
         label_seed: seed of the labeled subset, independent of the run's ``seed``.
         labeled_batch_size: labeled images in every training batch (``batch_size`` is the
             number of unlabeled ones); at most the number of labels.
-        **kwargs: the arguments of :class:`vaelab.data.MNISTDataModule`.
+        **kwargs: the arguments of :class:`vaelab.data.ImageDataModule`.
     """
 
     def __init__(self, labels_per_class: int = 10, label_seed: int = 0, labeled_batch_size: int = 100,

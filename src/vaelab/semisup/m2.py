@@ -291,9 +291,9 @@ class M1M2(M2):
         self.print(f"M1: {int(self.active.sum())} of {len(self.active)} latent dimensions active")
 
     def images(self, out: Tensor) -> Tensor:
-        """M1's decoder means at the means of ``p(z1|y,z2)`` (inactive dimensions at 0)."""
+        """M1's likelihood means at the means of ``p(z1|y,z2)`` (inactive dimensions at 0)."""
         mean, _ = out.chunk(2, dim=-1)
-        return torch.sigmoid(self.m1.decode(mean * self.active))
+        return self.m1.likelihood.mean(self.m1.decode(mean * self.active))
 
 
 def load_vae(path: str | None) -> VAE:

@@ -1,0 +1,30 @@
+"""``p(x|z) = prod_i Bernoulli(x_i; sigmoid(l_i))``: one logit per channel and pixel.
+
+A normalised probability of binary images only; on grey levels ``log p(x|z)`` is minus the binary
+cross-entropy (what the classic write-ups train on), not a likelihood, so no NLL is reported.
+"""
+
+import torch
+from torch import Tensor
+
+from vaelab.objectives import bernoulli_log_likelihood
+
+
+class Bernoulli:
+    """Logits ``[..., C, H, W]``; the mean is ``sigmoid(logits)``."""
+
+    params_per_channel = 1
+    density = "discrete"
+
+    def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        return bernoulli_log_likelihood(params, x)
+
+    def mean(self, params: Tensor) -> Tensor:
+        return torch.sigmoid(params)
+
+    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        u = torch.rand(params.shape, generator=generator, device=params.device)
+        return (u < torch.sigmoid(params)).to(params.dtype)
+
+    def nll(self, data: str) -> str | None:
+        return "discrete" if data == "binary" else None
