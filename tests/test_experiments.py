@@ -72,7 +72,7 @@ def test_latent_sweep_declares_the_grid():
 def test_optuna_search_space():
     cfg = compose_train("hparams_search=optuna")
     sweeper = cfg.hydra.sweeper
-    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.sampler._target_.endswith("TPESampler")
+    assert sweeper._target_.endswith("StudySweeper") and sweeper.sampler._target_.endswith("TPESampler")
     assert set(sweeper.params) == {"lr", "latent_dim", "dropout", "l2"}  # keys every model has
     assert (cfg.optimized_metric, sweeper.direction, cfg.hydra.mode.name) == ("val/elbo", "maximize", "MULTIRUN")
 
