@@ -122,6 +122,14 @@ def test_bad_values_fail_with_one_line(fake_root, tmp_path, args, message):
     assert result.stderr.strip().startswith(message) and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_m1_sweeps_end_with_the_semisup_report_and_help_is_m1s(compose_cfg):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("semisup", return_hydra_config=True)
+    assert cfg.hydra.callbacks.report._target_ == "vaelab.semisup.report.BudgetReport"
+    assert cfg.hydra.help.app_name == "vaelab.semisup" and "classifier=label_spreading" in cfg.hydra.help.template
+
+
 @pytest.mark.slow
 def test_m1_bad_classifier_values_fail_with_one_line(fake_root, tmp_path, vae_ckpt):
     for args, message in [
