@@ -48,7 +48,8 @@ def fit_logistic_regression(f: Tensor, y: Tensor, n_classes: int, weight_decay: 
 
 
 def fit_logistic(f: Tensor, y: Tensor, weight_decay: float, max_iter: int = 500, threads: int | None = None) -> Predict:
-    """Logistic regression on the labeled rows of ``f`` (``y >= 0``); the others are not used."""
+    """Logistic regression on the labeled rows of ``f`` (``y >= 0``); the others are not used
+    (nor is ``threads``: torch's thread count is the caller's)."""
     labeled = y >= 0
     w = fit_logistic_regression(f[labeled], y[labeled], int(y.max()) + 1, weight_decay, max_iter)
     return lambda g: (torch.cat([g, torch.ones(len(g), 1, dtype=g.dtype)], 1).double() @ w).argmax(-1)
