@@ -92,17 +92,21 @@ def test_m1_on_a_vae(compose_cfg, vae_ckpt, tmp_path):
                                  run="m1"))
     written = json.loads((tmp_path / "m1" / "metrics.json").read_text())
     assert written["test/error"] == metrics["test/error"] and written["n_labeled"] == 30
-    assert written["weight_decay"] in [0.0001, 0.001, 0.01, 0.1, 1.0]
+    assert written["classifier"] == "logistic" and written["hyperparameters"]["weight_decay"] in [0.0001, 0.001,
+                                                                                                  0.01, 0.1, 1.0]
 
 
-def test_logistic_regression_is_the_convex_optimum():
-    torch.manual_seed(0)
-    f, y = torch.randn(60, 4).double(), torch.randint(0, 3, (60,))
-    w = m1.fit_logistic_regression(f, y, 3, weight_decay=0.1).requires_grad_(True)
-    f1 = torch.cat([f, torch.ones(60, 1, dtype=f.dtype)], 1)
-    loss = torch.nn.functional.cross_entropy(f1 @ w, y) + 0.05 * w[:-1].pow(2).sum()
-    (grad,) = torch.autograd.grad(loss, w)
-    assert grad.abs().max() < 1e-6  # a stationary point of a strictly convex loss: the minimum
+def test_m1_with_label_spreading_keeps_the_lowest_validation_error(compose_cfg, vae_ckpt, tmp_path):
+    metrics = m1.run(compose_cfg("semisup", f"ckpt_path={vae_ckpt}", "classifier=label_spreading",
+                                 "classifier.grid.n_neighbors=[3,8]", "classifier.grid.alpha=[0.5,0.99]",
+                                 "data.labels_per_class=3", "data.val_size=40", "threads=1", run="m1"))
+    by_point = metrics["val/error_by_hyperparameters"]
+    assert list(by_point) == ["n_neighbors=3, alpha=0.5", "n_neighbors=3, alpha=0.99", "n_neighbors=8, alpha=0.5",
+                              "n_neighbors=8, alpha=0.99"]
+    assert metrics["classifier"] == "label_spreading" and metrics["val/error"] == min(by_point.values())
+    assert by_point[m1.label(metrics["hyperparameters"])] == metrics["val/error"]
+    assert list(metrics["seconds_by_hyperparameters"]) == list(by_point)
+    assert json.loads((tmp_path / "m1" / "metrics.json").read_text())["test/error"] == metrics["test/error"]
 
 
 @pytest.mark.slow
@@ -116,6 +120,30 @@ def test_bad_values_fail_with_one_line(fake_root, tmp_path, args, message):
     result = run_cli(f"data.root={fake_root}", "data.val_size=40", f"hydra.run.dir={tmp_path}/run", *args, cwd=REPO)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().startswith(message) and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_m1_sweeps_end_with_the_semisup_report_and_help_is_m1s(compose_cfg):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("semisup", return_hydra_config=True)
+    assert cfg.hydra.callbacks.report._target_ == "vaelab.semisup.report.BudgetReport"
+    assert cfg.hydra.help.app_name == "vaelab.semisup" and "classifier=label_spreading" in cfg.hydra.help.template
+
+
+@pytest.mark.slow
+def test_m1_bad_classifier_values_fail_with_one_line(fake_root, tmp_path, vae_ckpt):
+    for args, message in [
+        (["classifier.grid.alpha=[0.5,1]"],
+         "error: classifier.grid.alpha must be a non-empty list of numbers in (0, 1)"),
+        (["classifier.grid.n_neighbors=[10,1000]"],
+         "error: classifier.grid.n_neighbors=1000 must be below the number of training images (200)"),
+        (["classifier.name=svm"], "error: classifier.name must be one of logistic, label_spreading, got 'svm'"),
+    ]:
+        result = run_cli(f"ckpt_path={vae_ckpt}", "classifier=label_spreading", *args, f"data.root={fake_root}",
+                         "data.val_size=40", f"hydra.run.dir={tmp_path}/m1", module="vaelab.semisup", cwd=REPO)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().startswith(message) and len(result.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "m1").exists()
 
 
 @pytest.mark.slow
@@ -137,23 +165,29 @@ def fake_job(job_dir: Path, config: dict, test_error: float | None) -> None:
 
 
 def test_budget_report_mean_and_std(tmp_path):
-    errors = {("M2", 10): [0.10, 0.12, 0.14], ("M2", 100): [0.04, 0.05, None], ("M1", 10): [0.2, 0.3]}
+    errors = {("M2", "", 10): [0.10, 0.12, 0.14], ("M2", "", 100): [0.04, 0.05, None],
+              ("M1", "logistic", 10): [0.2, 0.3], ("M1", "label_spreading", 10): [0.1, 0.12, 0.14]}
     targets = {"M2": "vaelab.semisup.m2.M2"}
     job = 0
-    for (method, per_class), values in errors.items():
+    for (method, classifier, per_class), values in errors.items():
         for value in values:
             config = {"data": {"labels_per_class": per_class}}
-            config |= {"method": "M1"} if method == "M1" else {"model": {"_target_": targets[method]}}
+            if method == "M1":  # a logistic run as written before there was a choice: no classifier.name
+                config |= {"method": "M1"} | ({"classifier": {"name": classifier}} if classifier != "logistic" else {})
+            else:
+                config |= {"model": {"_target_": targets[method]}}
             fake_job(tmp_path / "sweep" / str(job), config, value)
             job += 1
-    rows = {(r[0], r[1]): r for r in report.summarize([tmp_path / "sweep"])}
-    assert list(rows) == [("M1", 100), ("M2", 100), ("M2", 1000)]  # the paper's order, then labels
-    _, _, runs, failed, mean, std, *_ , paper, epochs = rows[("M2", 100)]
+    rows = {tuple(r[:3]): r for r in report.summarize([tmp_path / "sweep"])}
+    assert list(rows) == [("M1", "label_spreading", 100), ("M1", "logistic", 100), ("M2", "", 100),
+                          ("M2", "", 1000)]  # the paper's order, then classifier and labels
+    *_, runs, failed, mean, std, _, _, paper, epochs = rows[("M2", "", 100)]
     assert (runs, failed, paper, epochs) == (3, 0, 11.97, "5")
     assert mean == pytest.approx(12.0) and std == pytest.approx(statistics.stdev([10, 12, 14]))
-    assert rows[("M2", 1000)][2:4] == [2, 1]  # two finished, one without metrics.json
+    assert rows[("M1", "label_spreading", 100)][5] == pytest.approx(12.0)
+    assert rows[("M2", "", 1000)][3:5] == [2, 1]  # two finished, one without metrics.json
     text = report.report([tmp_path / "sweep"])
-    assert "| M1 | 100 | 2 | 0 | 25.00 |" in text and (tmp_path / "sweep" / "semisup_report.csv").is_file()
+    assert "| M1 | logistic | 100 | 2 | 0 | 25.00 |" in text and (tmp_path / "sweep" / "semisup_report.csv").is_file()
 
 
 def write_events(log_dir: Path, scalars: dict[str, list[tuple[int, float]]]) -> None:
@@ -176,9 +210,9 @@ def test_validation_curve_is_the_fits_error_per_epoch(tmp_path):
     epochs, errors = zip(*report.validation_curve(tmp_path / "job"), strict=True)
     assert epochs == (1, 2, 3) and errors == pytest.approx([0.30, 0.20, 0.15])
     fake_job(tmp_path / "other", {}, None)
-    jobs = {tmp_path / "job": ("M2", 100), tmp_path / "other": ("M1+M2", 100)}
+    jobs = {tmp_path / "job": ("M2", "", 100), tmp_path / "other": ("M1+M2", "", 100)}
     assert report.plot_curves(jobs, tmp_path / "curves.png") and (tmp_path / "curves.png").stat().st_size > 0
-    assert not report.plot_curves({tmp_path / "other": ("M2", 100)}, tmp_path / "none.png")
+    assert not report.plot_curves({tmp_path / "other": ("M2", "", 100)}, tmp_path / "none.png")
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (config_dir() / "experiment" / "semisup").glob("*.yaml")))
@@ -210,4 +244,4 @@ def test_budget_sweep_ends_with_its_report(fake_root, tmp_path):
                      f"hydra.sweep.dir={tmp_path}/sweep", cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     text = (tmp_path / "sweep" / "semisup_report.md").read_text()
-    assert "| M2 | 10 | 2 | 0 |" in text and "| M2 | 20 | 2 | 0 |" in text
+    assert "| M2 |  | 10 | 2 | 0 |" in text and "| M2 |  | 20 | 2 | 0 |" in text

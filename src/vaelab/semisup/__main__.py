@@ -2,8 +2,8 @@
 
 Fits M1's classifier (:mod:`vaelab.semisup.m1`) on the labeled images' latent means and writes
 ``config.yaml`` and ``metrics.json`` (``test/error``, ``val/error``, ...) into the run directory.
-A bad value stops a single run with one ``error:`` line (exit status 2); in a sweep (``-m``) the
-job writes ``error.txt`` and the sweep goes on.
+A bad value stops a single run with one ``error:`` line (exit status 2, no run directory
+left); in a sweep (``-m``) the job writes ``error.txt`` and the sweep goes on.
 """
 
 import json
@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from vaelab import config_dir
 from vaelab.config import ConfigError
 from vaelab.semisup import m1
-from vaelab.train import write_error
+from vaelab.train import remove_if_unused, write_error
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ def main(cfg: DictConfig) -> float | None:
         metrics = m1.run(cfg)
     except ConfigError as err:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
+            remove_if_unused(Path(cfg.paths.output_dir))
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
         log.error("job failed: %s", err)

@@ -1,18 +1,18 @@
 """M1 (Kingma et al., 2014): a classifier on the latent means of a VAE trained without labels.
 
 The VAE (any ``vaelab.train`` checkpoint of ``vaelab.vae.VAE``) was fitted to all training images;
-its posterior means ``E[z|x]`` are the features. Only the ``labels_per_class`` labeled images
-train the classifier; validation picks its L2 strength, the test set gives the reported error.
+its posterior means ``E[z|x]`` are the features, and ``labels_per_class`` labels per class
+are all the labels the classifier sees; validation picks its hyperparameters, the test set gives
+the reported error.
 
-The classifier is multinomial logistic regression on the standardised features of M1's active
-dimensions, fitted to convergence by full-batch L-BFGS. Why this one: with 100 labels in about
-20-50 dimensions a convex model with a single regularisation knob has one answer (no seeds, no
-early stopping, nothing else to tune) and is what "features good enough for a linear
-classifier" means; an MLP would overfit 100 points and add knobs; an SVM (the paper used a
-transductive SVM, which also looks at the unlabeled features) would add a dependency for a
-similar linear decision rule. It is written in torch, so nothing beyond vaelab's dependencies.
+The classifier is a config choice (``classifier=logistic``, the default, or
+``classifier=label_spreading``; :mod:`vaelab.semisup.classifiers`), fitted on the standardised
+features of M1's active dimensions for every point of ``classifier.grid``; the point with the
+lowest validation error is reported on test. Logistic regression sees the labeled images only,
+label spreading all training images (transductive, as the paper's M1+TSVM).
 """
 
+import itertools
 import json
 import logging
 import time
@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
@@ -29,6 +28,7 @@ from torch import Tensor
 from vaelab.checkpoint import CONFIG_KEY, read_checkpoint
 from vaelab.config import ConfigError, instantiate
 from vaelab.diagnostics import ACTIVE_THRESHOLD, activity
+from vaelab.semisup import classifiers
 from vaelab.semisup.m2 import load_vae
 
 log = logging.getLogger(__name__)
@@ -42,31 +42,9 @@ def latent_means(vae: torch.nn.Module, x: Tensor, batch_size: int = 1000) -> Ten
     return torch.cat([vae.encode(xb).point() for xb in x.split(batch_size)])
 
 
-def fit_logistic_regression(f: Tensor, y: Tensor, n_classes: int, weight_decay: float, max_iter: int = 500) -> Tensor:
-    """Weights ``[F + 1, K]`` (the last row the bias) minimising the mean cross-entropy of
-    ``softmax([f, 1] W)`` plus ``weight_decay / 2 * ||W[:F]||^2``, by L-BFGS from zero."""
-    f1 = torch.cat([f, torch.ones(len(f), 1, dtype=f.dtype)], 1).double()
-    w = torch.zeros(f1.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([w], lr=1, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
-                                  line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(f1 @ w, y) + 0.5 * weight_decay * w[:-1].pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return w.detach()
-
-
-def predict(w: Tensor, f: Tensor) -> Tensor:
-    """Labels ``[N]`` of the logistic regression ``w`` for features ``f [N, F]``."""
-    return (torch.cat([f, torch.ones(len(f), 1, dtype=f.dtype)], 1).double() @ w).argmax(-1)
-
-
-def error(w: Tensor, f: Tensor, y: Tensor) -> float:
-    return (predict(w, f) != y).double().mean().item()
+def error(predict: classifiers.Predict, f: Tensor, y: Tensor) -> float:
+    """The fraction of ``y [N]`` that ``predict`` gets wrong from the features ``f [N, F]``."""
+    return (predict(f) != y).double().mean().item()
 
 
 def check(cfg: DictConfig) -> None:
@@ -74,9 +52,18 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError("ckpt_path is required: a VAE checkpoint written by vaelab.train")
     if not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path: no checkpoint file at {cfg.ckpt_path}")
-    decays = cfg.classifier.weight_decays
-    if not decays or any(not isinstance(v, int | float) or isinstance(v, bool) or v < 0 for v in decays):
-        raise ConfigError(f"classifier.weight_decays must be a non-empty list of numbers >= 0, got {decays}")
+    classifiers.check(cfg.classifier.name, OmegaConf.to_container(cfg.classifier.grid))
+
+
+def grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
+    """Every combination of the grid's values, the first key varying slowest:
+    ``{"a": [1, 2], "b": [3]}`` -> ``[{"a": 1, "b": 3}, {"a": 2, "b": 3}]``."""
+    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def label(point: dict[str, Any]) -> str:
+    """``"n_neighbors=10, alpha=0.5"``: a grid point as a key of metrics.json."""
+    return ", ".join(f"{k}={v:g}" for k, v in point.items())
 
 
 def check_same_data(cfg: DictConfig, vae_data: dict[str, Any]) -> None:
@@ -117,23 +104,36 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     mean, std = f_train.mean(0), f_train.std(0)
     f_train, f_val, f_test = (((f - mean) / std)[:, active] for f in (f_train, f_val, f_test))
     labeled = datamodule.labeled
-    f_lab, y_lab = f_train[labeled], y_train[labeled]
 
-    n_classes = int(y_val.max()) + 1
-    fits = {wd: fit_logistic_regression(f_lab, y_lab, n_classes, wd, cfg.classifier.max_iter)
-            for wd in cfg.classifier.weight_decays}
-    val_errors = {wd: error(w, f_val, y_val) for wd, w in fits.items()}
-    best = min(val_errors, key=val_errors.get)  # the first (as listed) of the lowest validation errors
-    test_error = error(fits[best], f_test, y_test)
+    grid = OmegaConf.to_container(cfg.classifier.grid)
+    if max(grid.get("n_neighbors", [0])) >= len(f_train):
+        raise ConfigError(f"classifier.grid.n_neighbors={max(grid['n_neighbors'])} must be below the number of "
+                          f"training images ({len(f_train)})")
+    fit = classifiers.FITS[cfg.classifier.name]
+    val_errors, seconds, best = {}, {}, None
+    for point in grid_points(grid):
+        fit_start = time.perf_counter()
+        predict = fit(f_train, y_train, **point, max_iter=cfg.classifier.max_iter, threads=cfg.get("threads"))
+        key = label(point)
+        val_errors[key] = error(predict, f_val, y_val)
+        seconds[key] = round(time.perf_counter() - fit_start, 2)
+        log.info("%s (%s): validation error %.2f %%, %.1f s", cfg.classifier.name, key, 100 * val_errors[key],
+                 seconds[key])
+        if best is None or val_errors[key] < val_errors[label(best[0])]:  # ties: the first in grid order
+            best = point, predict
+    point, predict = best
+    test_error = error(predict, f_test, y_test)
     metrics = {
-        "method": "M1",
-        "val/error": val_errors[best],
-        "val/accuracy": 1 - val_errors[best],
+        "method": cfg.method,
+        "classifier": cfg.classifier.name,
+        "hyperparameters": point,
+        "val/error": val_errors[label(point)],
+        "val/accuracy": 1 - val_errors[label(point)],
         "test/error": test_error,
         "test/accuracy": 1 - test_error,
-        "weight_decay": float(best),
-        "val/error_by_weight_decay": {str(k): v for k, v in val_errors.items()},
-        "labeled_train_error": error(fits[best], f_lab, y_lab),
+        "val/error_by_hyperparameters": val_errors,
+        "seconds_by_hyperparameters": seconds,  # fit and validation of each grid point
+        "labeled_train_error": error(predict, f_train[labeled], y_train[labeled]),
         "n_labeled": len(labeled),
         "labels_per_class": datamodule.labels_per_class,
         "label_seed": datamodule.label_seed,
@@ -143,8 +143,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - start, 2),
     }
     write_run(Path(cfg.paths.output_dir), cfg, metrics)
-    log.info("M1, %d labels: test error %.2f %% (validation %.2f %%, weight decay %g, %d of %d dimensions active)",
-             len(labeled), 100 * test_error, 100 * val_errors[best], best, int(active.sum()), len(active))
+    log.info("M1, %s, %d labels: test error %.2f %% (validation %.2f %%, %s, %d of %d dimensions active)",
+             cfg.classifier.name, len(labeled), 100 * test_error, 100 * val_errors[label(point)], label(point),
+             int(active.sum()), len(active))
     return metrics
 
 

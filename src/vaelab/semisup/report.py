@@ -1,9 +1,9 @@
 """``python -m vaelab.semisup.report <sweep dir> [<sweep dir> ...]``: test error per method and label budget.
 
 Reads every job of one or more sweeps (``vaelab.train -m model=m2,m1m2 ...`` and
-``vaelab.semisup -m ...``), groups the finished ones by method (M1, M2, M1+M2) and number of
-labels, and gives the mean and standard deviation (over label seeds and run seeds, n - 1 in the
-denominator) of the test error in percent, next to the paper's number (Kingma et al., 2014,
+``vaelab.semisup -m ...``), groups the finished ones by method (M1, M2, M1+M2), M1's classifier
+and number of labels, and gives the mean and standard deviation (over label seeds and run seeds,
+n - 1 in the denominator) of the test error in percent, next to the paper's number (Kingma et al., 2014,
 Table 1; M1 is the paper's M1+TSVM). Written as ``semisup_report.md`` and ``semisup_report.csv``
 into the first sweep directory (or ``--out``), with ``semisup_curves.png``: the validation error
 of every M2 and M1+M2 job per epoch, one panel per number of labels, the paper's test error as a
@@ -31,18 +31,21 @@ PAPER = {
     "M1+M2": {100: 3.33, 600: 2.59, 1000: 2.40, 3000: 2.18},
 }
 METHODS = {"vaelab.semisup.m2.M2": "M2", "vaelab.semisup.m2.M1M2": "M1+M2"}
-HEADER = ["method", "labels", "runs", "failed", "test error % mean", "std", "min", "max", "paper %", "epochs"]
+HEADER = ["method", "classifier", "labels", "runs", "failed", "test error % mean", "std", "min", "max", "paper %",
+          "epochs"]
 
 
-def job_method(job_dir: Path) -> tuple[str, int] | None:
-    """``(method, number of labels)`` of a job from its ``.hydra/config.yaml``; None for a job
-    that is not semi-supervised."""
+def job_method(job_dir: Path) -> tuple[str, str, int] | None:
+    """``(method, classifier, number of labels)`` of a job from its ``.hydra/config.yaml``; None
+    for a job that is not semi-supervised. The classifier is M1's (``logistic`` for M1 runs made
+    before there was a choice) and empty for M2 and M1+M2 (their own ``q(y|x)``)."""
     cfg = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
     method = cfg.get("method") or METHODS.get(OmegaConf.select(cfg, "model._target_"))
     per_class = OmegaConf.select(cfg, "data.labels_per_class")
     if method is None or not isinstance(per_class, int):
         return None
-    return method, 10 * per_class
+    classifier = OmegaConf.select(cfg, "classifier.name", default="logistic") if cfg.get("method") else ""
+    return method, classifier, 10 * per_class
 
 
 def validation_curve(job_dir: Path) -> list[tuple[int, float]]:
@@ -64,9 +67,10 @@ def validation_curve(job_dir: Path) -> list[tuple[int, float]]:
     return sorted(points.items())
 
 
-def plot_curves(jobs: dict[Path, tuple[str, int]], path: Path) -> bool:
-    """Validation error (%) per epoch of each job (``job dir -> (method, labels)``), a panel per
-    number of labels, a colour per method, the paper's test error dashed. False if no job has a curve."""
+def plot_curves(jobs: dict[Path, tuple[str, str, int]], path: Path) -> bool:
+    """Validation error (%) per epoch of each job (``job dir -> (method, classifier, labels)``), a
+    panel per number of labels, a colour per method, the paper's test error dashed. False if no job
+    has a curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,13 +79,13 @@ def plot_curves(jobs: dict[Path, tuple[str, int]], path: Path) -> bool:
     curves = {job: curve for job in jobs if (curve := validation_curve(job))}
     if not curves:
         return False
-    budgets = sorted({jobs[job][1] for job in curves})
+    budgets = sorted({jobs[job][-1] for job in curves})
     colors = {method: f"C{i}" for i, method in enumerate(PAPER)}
     fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.4), squeeze=False)
     for ax, labels in zip(axes[0], budgets, strict=True):
         shown = set()
         for job, curve in curves.items():
-            method, n = jobs[job]
+            method, _, n = jobs[job]
             if n != labels:
                 continue
             epochs, errors = zip(*curve, strict=True)
@@ -101,22 +105,22 @@ def plot_curves(jobs: dict[Path, tuple[str, int]], path: Path) -> bool:
     return True
 
 
-def semisup_jobs(sweep_dirs: list[Path]) -> dict[Path, tuple[Job, tuple[str, int]]]:
-    """Every semi-supervised job of the sweeps, read once: ``job dir -> (job, (method, labels))``."""
+def semisup_jobs(sweep_dirs: list[Path]) -> dict[Path, tuple[Job, tuple[str, str, int]]]:
+    """Every semi-supervised job of the sweeps, read once: ``job dir -> (job, (method, classifier, labels))``."""
     return {sweep_dir / job.name: (job, key) for sweep_dir in sweep_dirs for job in read_sweep(sweep_dir)
             if (key := job_method(sweep_dir / job.name)) is not None}
 
 
 def summarize(sweep_dirs: list[Path]) -> list[list[Any]]:
-    """One row per ``(method, labels)`` (see ``HEADER``), methods in the paper's order."""
+    """One row per ``(method, classifier, labels)`` (see ``HEADER``), methods in the paper's order."""
     return rows_of(semisup_jobs(sweep_dirs))
 
 
-def rows_of(jobs: dict[Path, tuple[Job, tuple[str, int]]]) -> list[list[Any]]:
+def rows_of(jobs: dict[Path, tuple[Job, tuple[str, str, int]]]) -> list[list[Any]]:
     """:func:`summarize`'s rows from jobs already read (:func:`semisup_jobs`)."""
-    errors: dict[tuple[str, int], list[float]] = defaultdict(list)
-    epochs: dict[tuple[str, int], list[float]] = defaultdict(list)
-    failed: dict[tuple[str, int], int] = defaultdict(int)
+    errors: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    epochs: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    failed: dict[tuple[str, str, int], int] = defaultdict(int)
     for job, key in jobs.values():
         if job.failed or "test/error" not in job.metrics:
             failed[key] += 1
@@ -126,12 +130,13 @@ def rows_of(jobs: dict[Path, tuple[Job, tuple[str, int]]]) -> list[list[Any]]:
             epochs[key].append(job.metrics["epochs"])
     order = list(PAPER)
     rows = []
-    for method, labels in sorted(errors.keys() | failed.keys(), key=lambda k: (order.index(k[0]), k[1])):
-        e = errors[(method, labels)]
+    for key in sorted(errors.keys() | failed.keys(), key=lambda k: (order.index(k[0]), k[1], k[2])):
+        method, classifier, labels = key
+        e = errors[key]
         mean = statistics.fmean(e) if e else math.nan
         std = statistics.stdev(e) if len(e) > 1 else math.nan
-        ep = epochs[(method, labels)]
-        rows.append([method, labels, len(e), failed[(method, labels)], mean, std, min(e, default=math.nan),
+        ep = epochs[key]
+        rows.append([method, classifier, labels, len(e), failed[key], mean, std, min(e, default=math.nan),
                      max(e, default=math.nan), PAPER[method].get(labels, math.nan),
                      f"{min(ep):g}-{max(ep):g}" if ep and min(ep) != max(ep) else (f"{ep[0]:g}" if ep else "")])
     return rows
