@@ -28,6 +28,15 @@ AS_GROUPS = {
     "kl_warmup": ["model.objective.kl_warmup_steps=3910"],
     "free_bits": ["model.objective.free_bits=0.25"],
     "made": ["model=made"],
+    "vamp": ["prior=vamp"],
+    "mog": ["prior=mog"],
+    "iwae5_dreg": ["objective=iwae", "model.objective.k=5", "model.objective.estimator=dreg"],
+    "mlp_200": ["model=mlp_200"],
+    "iwae5_200": ["model=mlp_200", "objective=iwae", "model.objective.k=5"],
+    "hvae": ["model=mlp_2layer"],
+    "hvae_warmup": ["model=mlp_2layer", "model.objective.kl_warmup_steps=3910"],
+    "hiwae5": ["model=mlp_2layer", "objective=iwae", "model.objective.k=5"],
+    "hvae_vamp": ["model=mlp_2layer", "prior=vamp"],
 }
 
 
