@@ -229,3 +229,14 @@ def test_results_sweep_end_to_end(fake_root, tmp_path, capsys):
         assert row[3:5] == [f"{evaluation['test/elbo']:.2f}", f"{evaluation['test/nll']:.2f}"]
         assert row[6] == f"{timing['seconds_per_epoch']:.1f} |"
         assert math.isfinite(evaluation["test/nll"]) and evaluation["test/nll"] <= -evaluation["test/elbo"] + 1e-3
+
+
+def test_a_run_gathered_beside_numbered_jobs_is_read_after_them(tmp_path):
+    """A single run moved into a sweep's folder (a directory named after its preset) sorts after
+    the numbered jobs instead of failing to compare a name with a number."""
+    sweep = make_sweep(tmp_path)
+    extra = sweep / "hvae_warmup"
+    (extra / ".hydra").mkdir(parents=True)
+    (extra / ".hydra" / "overrides.yaml").write_text("- data.root=/d\n- latent_dim=50\n- l2=0\n")
+    (extra / "metrics.json").write_text(json.dumps({"val/elbo": -120.0, "epochs": 2}))
+    assert [job.name for job in report.read_sweep(sweep)] == ["0", "1", "2", "3", "10", "hvae_warmup"]

@@ -71,8 +71,9 @@ def read_job(job_dir: Path, sweep_dir: Path) -> Job:
     return Job(name, dict(_override(o) for o in overrides), numbers, error)
 
 
-def _job_order(job: Job) -> list[Any]:
-    return [int(p) if p.isdigit() else p for p in job.name.split("/")]
+def _job_order(job: Job) -> list[tuple[int, Any]]:
+    """Numbered jobs by number, then runs with other names (gathered beside them) by name."""
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in job.name.split("/")]
 
 
 def read_sweep(sweep_dir: Path) -> list[Job]:
