@@ -33,7 +33,7 @@ from vaelab.likelihoods.bernoulli import Bernoulli
 from vaelab.objectives import ELBO, LogDensities, elbo_terms
 from vaelab.optim import Optimization
 from vaelab.posteriors import PosteriorBatch
-from vaelab.posteriors.gaussian import DiagonalGaussian, GaussianPosterior
+from vaelab.posteriors.gaussian import GaussianPosterior
 from vaelab.priors import NormalPrior
 
 
@@ -163,18 +163,14 @@ class VAE(Optimization):
     def prior_distribution(self):
         """This step's ``p(z)`` (:mod:`vaelab.priors`): VampPrior encodes its pseudo-inputs here, so
         each call costs one encoder pass over them; :meth:`fixed_prior` reuses one."""
-        return self._fixed_prior if self._fixed_prior is not None else self.prior(self.encode_gaussian)
-
-    def encode_gaussian(self, x: Tensor) -> DiagonalGaussian:
-        """The top layer's Gaussian at images ``x`` (VampPrior's components at its pseudo-inputs)."""
-        return self.encode(x)
+        return self._fixed_prior if self._fixed_prior is not None else self.prior(self.encode)
 
     @contextmanager
     def fixed_prior(self) -> Iterator[None]:
         """Inside, every :meth:`prior_distribution` is the one computed on entry: for estimates
         made without gradients over many chunks (:func:`vaelab.likelihood.iw_estimates`)."""
         with torch.no_grad():
-            self._fixed_prior = self.prior(self.encode_gaussian)
+            self._fixed_prior = self.prior(self.encode)
         try:
             yield
         finally:
