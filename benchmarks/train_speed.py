@@ -46,8 +46,9 @@ pictures, checkpoints, logs, its test stage) is timed end to end for 1 and for 3
 difference over 2 is the CLI's whole epoch, start-up and test cancelling. Against it, an epoch of
 the bare loop that trains and validates the same way (``R`` rounds, interleaved; medians).
 
-``--models a,b | all``: a row per model variant (img/s and s/epoch of vaelab, eager and with
-``compile=true``); a variant whose config does not compose yet is skipped with a note.
+``--models a,b | all``: a row per model variant and ``steps_per_call`` (``--steps-per-call 1,8``;
+img/s and s/epoch of vaelab, eager and with ``compile=true``, and each row's pace against its
+``k=1`` row); a variant whose config does not compose yet is skipped with a note.
 
 ``--eval``: the importance-weighted NLL at ``--iw-samples`` (1000) over ``--test-images``
 (10,000) test images: :func:`vaelab.likelihood.iw_estimates` (eager and compiled) against a naive,
@@ -265,8 +266,11 @@ def dataloader_loop(cfg: DictConfig, device: torch.device, workers: int) -> Loop
     return Loop(cfg, batches, device)
 
 
-def batch_images(batch: tuple | dict) -> int:
-    """Images in a batch: ``(x, y)``, or a semi-supervised batch ``{"labeled": (x, y), "unlabeled": (x, y)}``."""
+def batch_images(batch: tuple | dict | list) -> int:
+    """Images in a batch: ``(x, y)``, a semi-supervised batch ``{"labeled": (x, y), "unlabeled":
+    (x, y)}``, or a training call's list of such batches (``steps_per_call``)."""
+    if isinstance(batch, list):
+        return sum(batch_images(step) for step in batch)
     return sum(len(part[0]) for part in batch.values()) if isinstance(batch, dict) else len(batch[0])
 
 
@@ -473,9 +477,11 @@ def cli_epochs(cfg: DictConfig, data_root: str, overrides: list[str], rounds: in
             "bare_epoch_times_s": bare_s, "timer_epoch_times_s": timer_s, "cli_walls_s": walls}
 
 
-def model_rows(cfg_for: Callable[[list[str]], DictConfig], names: list[str], epochs: int, device: torch.device) -> dict:
-    """vaelab's training throughput per model variant, eager and with ``compile=true`` (where the
-    model takes it); a variant that does not compose or instantiate is skipped with a note."""
+def model_rows(cfg_for: Callable[[list[str]], DictConfig], names: list[str], epochs: int, device: torch.device,
+               steps_per_call: tuple[int, ...] = (1, 8)) -> dict:
+    """vaelab's training throughput per model variant and ``steps_per_call``, eager and with
+    ``compile=true`` (where the model takes it); a variant that does not compose or instantiate is
+    skipped with a note."""
     rows: dict[str, dict] = {}
     for name in names:
         try:
@@ -488,8 +494,10 @@ def model_rows(cfg_for: Callable[[list[str]], DictConfig], names: list[str], epo
             if compiled and "compile" not in cfg.model:
                 print(f"{name}: no compile option, eager only")
                 continue
-            key = f"{name}{'-compiled' if compiled else ''}"
-            rows[key] = run_vaelab(with_compile(cfg, compiled), epochs, PeakMemory(device), lambda: None)
+            for k in steps_per_call:
+                key = f"{name}{'-compiled' if compiled else ''} k={k}"
+                cfg = cfg_for([*VARIANTS[name], f"steps_per_call={k}"])
+                rows[key] = run_vaelab(with_compile(cfg, compiled), epochs, PeakMemory(device), lambda: None)
     return rows
 
 
@@ -598,10 +606,13 @@ def report_extras(extras: dict) -> None:
             print(f"the CLI run's own epoch timer (epochs 2-3, training + validation): {cli['timer_epoch_s']:.2f} s; "
                   f"bare/timer pace: {cli['bare/timer_pace']:.2f}")
     if rows := extras.get("models"):
-        print("\n| model | train img/s | epoch s | whole epoch s | compile s |\n| --- | ---: | ---: | ---: | ---: |")
+        print("\n| model | train img/s | / k=1 | epoch s | whole epoch s | compile s |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
         for name, r in rows.items():
             compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
-            print(f"| {name} | {r['train_images_per_s']:.0f} | {r['epoch_s']:.2f} | {r['full_epoch_s']:.2f} "
+            one = rows.get(name.rsplit(" k=", 1)[0] + " k=1")
+            gain = f"{r['train_images_per_s'] / one['train_images_per_s']:.2f}" if one else "-"
+            print(f"| {name} | {r['train_images_per_s']:.0f} | {gain} | {r['epoch_s']:.2f} | {r['full_epoch_s']:.2f} "
                   f"| {compile_s} |")
     if ev := extras.get("eval"):
         print(f"\nIW NLL, K = {ev['k']}, {ev['images']} test images\n")
@@ -625,6 +636,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (dataloader mode)")
     parser.add_argument("--cli", type=int, default=0, metavar="R", help="time the CLI's whole epochs, R rounds")
     parser.add_argument("--models", default="", help="rows per model variant: all or a subset of " + ",".join(VARIANTS))
+    parser.add_argument("--steps-per-call", default="1,8", help="the steps_per_call of each --models row")
     parser.add_argument("--eval", action="store_true", help="time the IW NLL against the naive reference")
     parser.add_argument("--iw-samples", type=int, default=1000, help="K of --eval")
     parser.add_argument("--test-images", type=int, default=10_000, help="test images of --eval")
@@ -663,7 +675,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.cli:
             extras["cli"] = cli_epochs(cfg, args.data_root, args.overrides, args.cli, device)
         if models:
-            extras["models"] = model_rows(cfg_for, models, args.epochs, device)
+            ks = tuple(int(k) for k in args.steps_per_call.split(","))
+            extras["models"] = model_rows(cfg_for, models, args.epochs, device, ks)
         if args.eval:
             extras["eval"] = eval_speed(cfg, device, args.test_images, args.iw_samples)
     hidden = "-".join(str(h) for h in cfg.model.encoder.hidden_dims)

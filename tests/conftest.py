@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, open_dict
+from pytorch_lightning.loggers import Logger
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from vaelab import config_dir
 
@@ -145,3 +148,35 @@ class TerminateInJob(TerminateInLastTestBatch):
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if HydraConfig.get().job.num == self.job:
             super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+
+def one_step_per_call(dataset: Dataset, batch_size: int) -> DataLoader:
+    """A plain DataLoader whose every batch is a call of one optimizer step (the list of one
+    batch that :class:`vaelab.optim.Optimization` takes), for models trained without a DataModule."""
+    return DataLoader(dataset, batch_size, collate_fn=lambda items: [default_collate(items)])
+
+
+class RecordMetrics(Logger):
+    """A logger that keeps what it is given: ``steps[step][name] = value``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: dict[int, dict[str, float]] = defaultdict(dict)
+
+    @property
+    def name(self) -> str:
+        return "record"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.steps[step].update(metrics)
+
+    def series(self, name: str) -> dict[int, float]:
+        """``{step: value}`` of one metric."""
+        return {step: metrics[name] for step, metrics in sorted(self.steps.items()) if name in metrics}

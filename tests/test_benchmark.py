@@ -98,12 +98,13 @@ class RecordLosses(pl.Callback):
         self.losses: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
+        self.losses.extend(outputs["loss"].tolist())  # the losses of the call's optimizer steps
 
 
 def test_training_metrics_are_logged_fresh_every_n_steps(make_cfg, tmp_path):
-    """The VAE calls self.log on training steps only when Lightning writes them: those steps are
-    all written, with that step's own loss, and no others."""
+    """Training metrics are computed and written every log_every_n_steps optimizer steps, with
+    that step's own loss, and no others, also from inside a call of several steps (the default
+    steps_per_call, 8, in epochs of 7 steps, logging every 3)."""
     recorder = RecordLosses()
     train(make_cfg("max_epochs=2", "trainer.log_every_n_steps=3"), extra_callbacks=[recorder])
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
@@ -168,10 +169,12 @@ def test_model_rows_time_a_semi_supervised_model(fake_root, tmp_path):
           *[o for o in OVERRIDES if not o.startswith("model.encoder")]]
     rows = train_speed.model_rows(
         lambda variant: train_speed.compose_config(str(fake_root), "cpu", str(tmp_path), [*variant, *m2]),
-        ["m2"], epochs=1, device=torch.device("cpu"))
-    assert list(rows) == ["m2"]  # no compiled path for M2
-    # one epoch: every unlabeled image once, and the labeled ones cycled alongside
-    assert rows["m2"]["images"] > N_TRAIN - VAL_SIZE and rows["m2"]["train_images_per_s"] > 0
+        ["m2"], epochs=1, device=torch.device("cpu"), steps_per_call=(1, 3))
+    assert list(rows) == ["m2 k=1", "m2 k=3"]  # no compiled path for M2
+    # one epoch: every unlabeled image once, and the labeled ones cycled alongside, in calls of 1 or 3 steps
+    assert rows["m2 k=1"]["images"] == rows["m2 k=3"]["images"] > N_TRAIN - VAL_SIZE
+    assert all(row["train_images_per_s"] > 0 for row in rows.values())
+    train_speed.report_extras({"models": rows})
 
 
 def test_cpu_kernels_times_every_op_under_the_capability_torch_picked(capsys):

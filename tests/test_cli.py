@@ -68,13 +68,13 @@ def test_data_root_defaults_to_vaelab_data(tmp_path, monkeypatch):
 
 @needs_mnist
 def test_real_mnist_smoke(tmp_path):
-    result = run_cli(f"data.root={SHARED_DATA}", "max_epochs=1", "+trainer.limit_train_batches=20",
+    result = run_cli(f"data.root={SHARED_DATA}", "max_epochs=1", "+trainer.limit_train_batches=24",
                      "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2", "trainer.accelerator=cpu",
                      "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["global_step"] == 20
-    assert -550 < metrics["test/elbo"] < -100  # 20 steps: well above -784 ln 2 = -543 nats, far from trained
+    assert metrics["global_step"] == 24  # 3 calls of steps_per_call=8
+    assert -550 < metrics["test/elbo"] < -100  # 24 steps: well above -784 ln 2 = -543 nats, far from trained
 
 
 def test_product_text_names_no_checkout_or_setting(tmp_path):

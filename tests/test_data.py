@@ -19,12 +19,13 @@ def make(root, **kwargs):
 
 
 def batches(dm, epoch=0, rank=0, overfit_batches=0):
-    """One epoch of training batches as a Lightning process of this rank would see them."""
+    """One epoch of training batches as a Lightning process of this rank would see them: the
+    per-step batches, however many each call delivers (``steps_per_call``)."""
     loader = dm.train_dataloader()
     loader.sampler.set_epoch(epoch)  # as Lightning does before every epoch
     dm.trainer = SimpleNamespace(training=True, current_epoch=epoch, global_rank=rank,
                                  overfit_batches=overfit_batches)
-    out = [dm.on_after_batch_transfer(batch, 0) for batch in loader]
+    out = [step for batch in loader for step in dm.on_after_batch_transfer(batch, 0)]
     dm.trainer = None
     return out
 
@@ -64,7 +65,7 @@ def test_every_rank_draws_its_own_binarization(fake_root):
     draws = []
     for rank in (0, 1, 2):
         dm.trainer = SimpleNamespace(training=True, current_epoch=0, global_rank=rank, overfit_batches=0)
-        draws.append(dm.on_after_batch_transfer((x, None), 0)[0])
+        draws.append(dm.binarized((x, None))[0])
         dm.generator = None
     assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
     assert len({rank_seed(s, r, e) for s in range(3) for r in range(4) for e in range(50)}) == 3 * 4 * 50
@@ -78,6 +79,31 @@ def test_single_process_batches_are_those_of_earlier_versions(fake_root):
         epoch_batches = batches(make(fake_root, binarize="dynamic", seed=seed), epoch)
         x = torch.cat([x for x, _ in epoch_batches])
         assert len(epoch_batches) == 7 and hashlib.sha1(x.numpy().tobytes()).hexdigest()[:12] == digest
+
+
+@pytest.mark.parametrize("steps_per_call", [3, 7, 8])
+def test_several_batches_per_call_are_the_batches_of_one_per_call(fake_root, steps_per_call):
+    """K batches fetched, binarized and split at once give the per-step batches of K = 1, bit for
+    bit: the same images in the same order, the same Bernoulli draws (7 steps an epoch: the last
+    call of an epoch is shorter, or the only one)."""
+    for epoch in (0, 1):
+        one = batches(make(fake_root, binarize="dynamic"), epoch)
+        several = batches(make(fake_root, binarize="dynamic", steps_per_call=steps_per_call), epoch)
+        assert len(several) == len(one) == 7
+        for (x1, y1), (xk, yk) in zip(one, several, strict=True):
+            assert torch.equal(x1, xk) and torch.equal(y1, yk)
+
+
+def test_a_resumed_epoch_takes_up_where_its_checkpoint_was_written(fake_root):
+    """A DataModule restored from a checkpoint written 3 steps into epoch 1 delivers that epoch's
+    remaining steps (not the epoch again from its start), then whole epochs."""
+    done = make(fake_root, binarize="dynamic", steps_per_call=2)
+    epoch_1 = batches(done, 1)
+    dm = make(fake_root, binarize="dynamic", steps_per_call=2)
+    dm.load_state_dict({"steps_taken": (1, 3)})
+    rest = batches(dm, 1)
+    assert len(rest) == 4 and all(torch.equal(a[0], b[0]) for a, b in zip(rest, epoch_1[3:], strict=True))
+    assert len(batches(dm, 2)) == 7
 
 
 def test_loading_draws_nothing_from_the_global_random_state(fake_root):
@@ -94,7 +120,7 @@ def test_overfit_batches_keep_their_binarization(fake_root):
     draws = []
     for epoch in (0, 1, 5):
         dm.trainer = SimpleNamespace(training=True, current_epoch=epoch, global_rank=0, overfit_batches=1)
-        draws.append(dm.on_after_batch_transfer((x, None), 0)[0])
+        draws.append(dm.binarized((x, None))[0])
     assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
 
 

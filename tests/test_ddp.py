@@ -63,22 +63,23 @@ def trainer(tmp_path: Path, devices: int, callbacks: list, **kwargs) -> pl.Train
     )
 
 
-def fit(root: Path, tmp_path: Path, devices: int) -> tuple[VAE, dict[str, float]]:
+def fit(root: Path, tmp_path: Path, devices: int, steps_per_call: int = 1) -> tuple[VAE, dict[str, float]]:
     """``STEPS`` steps on a global batch of ``BATCH`` images split over ``devices`` processes,
     then one validation; the weights and the logged metrics, back in this process."""
     pl.seed_everything(0)  # Lightning's DistributedSampler shuffles with the global seed: 0, as data.seed
     model = tiny_vae(FixedNoisePosterior())
-    data = ImageDataModule(str(root), batch_size=BATCH // devices, eval_batch_size=8,
-                           val_size=40, binarize="static", download=False)
-    run = trainer(tmp_path, devices, [RankSeed(0)], max_steps=STEPS, val_check_interval=STEPS,
-                  gradient_clip_val=5.0, gradient_clip_algorithm="value")
+    model.gradient_clip_val, model.gradient_clip_algorithm = 5.0, "value"  # as vaelab.train hands them over
+    data = ImageDataModule(str(root), batch_size=BATCH // devices, eval_batch_size=8, val_size=40,
+                           binarize="static", download=False, steps_per_call=steps_per_call)
+    run = trainer(tmp_path, devices, [RankSeed(0)], max_steps=STEPS, val_check_interval=STEPS // steps_per_call)
     run.fit(model, datamodule=data)
     return model, {k: float(v) for k, v in run.callback_metrics.items()}
 
 
 def test_two_processes_agree_with_one(fake_root, tmp_path):
+    """Also with all ``STEPS`` steps in one call per process (``steps_per_call``)."""
     one, one_metrics = fit(fake_root, tmp_path / "one", devices=1)
-    two, two_metrics = fit(fake_root, tmp_path / "two", devices=2)
+    two, two_metrics = fit(fake_root, tmp_path / "two", devices=2, steps_per_call=STEPS)
     start = tiny_vae()
     moved = max((p - q).abs().max() for p, q in zip(one.parameters(), start.parameters(), strict=True))
     assert moved > 1e-3  # the steps were taken
@@ -90,7 +91,7 @@ def test_two_processes_agree_with_one(fake_root, tmp_path):
 
 
 class Recorder(pl.Callback):
-    """Writes ``rank<r>.pt`` per process: its training batch count, and after the first step a
+    """Writes ``rank<r>.pt`` per process: its training batch count, and after the first call a
     draw from the global stream (which the reparameterization noise and dropout use), the
     reparameterization noise itself on fixed images, and a draw of the data's binarization
     generator."""
@@ -99,7 +100,7 @@ class Recorder(pl.Callback):
         self.out, self.batches, self.draws = out, 0, {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.batches += 1
+        self.batches += len(batch)  # the call's per-step batches
         if batch_idx == 0:
             x = trainer.datamodule.splits["test"][0][:4]
             with torch.no_grad():
@@ -151,9 +152,9 @@ def test_final_metrics_carry_the_workers_step(ddp_run):
 
 
 class NaNOnRankOne(VAE):
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        return loss * float("nan") if self.global_rank == 1 and batch_idx == 2 else loss
+    def training_loss(self, batch, log):
+        loss, metrics = super().training_loss(batch, log)
+        return (loss * float("nan") if self.global_rank == 1 and self.global_step == 2 else loss), metrics
 
 
 def test_a_nan_on_one_rank_stops_every_rank(fake_root, tmp_path):

@@ -8,13 +8,14 @@ from functools import partial
 
 import pytest
 import torch
+from conftest import one_step_per_call
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import open_dict
 from pytorch_lightning import Callback, Trainer
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from vaelab import config_dir
 from vaelab.checkpoint import load_model
@@ -222,7 +223,7 @@ def test_training_cycles_the_masks_by_global_step():
 
     trainer = Trainer(max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, callbacks=[Record()])
-    trainer.fit(model, DataLoader(TensorDataset(x, torch.zeros(20)), batch_size=4))
+    trainer.fit(model, one_step_per_call(TensorDataset(x, torch.zeros(20)), batch_size=4))
     assert seen == [0, 1, 2, 0, 1]
 
 

@@ -117,12 +117,16 @@ def test_resume_from_an_epoch_end_gives_the_numbers_of_an_uninterrupted_run(make
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_mid_epoch_ends_at_the_same_step(make_cfg, tmp_path):
-    every_5 = "+callbacks.last_checkpoint.every_n_train_steps=5"  # last.ckpt mid-epoch too
-    train(make_cfg("max_epochs=3", "+trainer.max_steps=10", every_5, "callbacks=model_checkpoint"))
+@pytest.mark.parametrize(("steps_per_call", "saved_at"), [(1, 10), (2, 11)])
+def test_resume_mid_epoch_ends_at_the_same_step(make_cfg, tmp_path, steps_per_call, saved_at):
+    """last.ckpt written mid-epoch, 3 or 4 batches into the second epoch (7 steps an epoch: calls
+    of 2, 2, 2, 1 steps with steps_per_call=2, so the save for step 10 comes after step 11)."""
+    every_5 = "+callbacks.last_checkpoint.every_n_train_steps=5"
+    k = f"steps_per_call={steps_per_call}"
+    train(make_cfg(k, "max_epochs=3", "+trainer.max_steps=11", every_5, "callbacks=model_checkpoint"))
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert state["global_step"] == 10  # 3 batches into the second epoch
-    metrics = train(make_cfg("max_epochs=3", "ckpt_path=last", "callbacks=model_checkpoint"))
+    assert state["global_step"] == saved_at
+    metrics = train(make_cfg(k, "max_epochs=3", "ckpt_path=last", "callbacks=model_checkpoint"))
     assert metrics["global_step"] == 3 * STEPS_PER_EPOCH and metrics["epochs"] == 3
 
 
@@ -160,8 +164,9 @@ class RecordBatches(pl.Callback):
         self.batches, self.losses = [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.batches.append(batch[0].clone())
-        self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+        (x, _), = batch  # debug=overfit: one batch per call
+        self.batches.append(x.clone())
+        self.losses.append(float(outputs["loss"]))
 
 
 def test_debug_overfit_fits_one_fixed_batch(make_cfg):

@@ -3,7 +3,7 @@
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import MNIST
+from conftest import MNIST, RecordMetrics, one_step_per_call
 from torch import nn
 
 from vaelab.nets.mlp import MLPDecoder, MLPEncoder
@@ -48,11 +48,11 @@ def test_a_one_sample_draw_is_the_same_as_before_the_posterior_interface():
 
 
 @pytest.mark.parametrize("objective", [ELBO(beta=0.25), ELBO(free_bits=0.5), IWAE(k=4)])
-def test_training_step_returns_the_objective(objective):
+def test_training_loss_is_the_objective(objective):
     torch.manual_seed(1)
     vae, x = make_vae(objective=objective), torch.rand(6, 1, 28, 28).round()
     torch.manual_seed(2)
-    loss = vae.training_step((x, torch.zeros(6)), 0)
+    loss, _ = vae.training_loss((x, torch.zeros(6)), log=False)
     torch.manual_seed(2)
     torch.testing.assert_close(loss, objective(vae(x, objective.n_samples), 0))
 
@@ -80,28 +80,20 @@ def test_bf16_autocast_runs_the_networks_in_bfloat16_and_the_densities_in_float3
     torch.testing.assert_close(d.kl, d32.kl, rtol=5e-2, atol=1e-2)
 
 
-class _RecordKLWeight(pl.Callback):
-    def __init__(self):
-        self.weights = {}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.weights[trainer.global_step - 1] = float(trainer.callback_metrics["train/kl_weight"])
-
-
 def test_kl_warmup_follows_the_global_step_across_a_resume(tmp_path):
     """The weight applied at each optimizer step is beta * step / kl_warmup_steps, also after
     resuming mid-warm-up from a checkpoint (a schedule kept in a Python counter would restart)."""
     g = torch.Generator().manual_seed(0)
     x = torch.rand(16, 1, 28, 28, generator=g).round()
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(16)), batch_size=4)
+    loader = one_step_per_call(torch.utils.data.TensorDataset(x, torch.zeros(16)), batch_size=4)
 
     def fit(max_steps, ckpt_path=None):
-        record = _RecordKLWeight()
-        trainer = pl.Trainer(max_steps=max_steps, log_every_n_steps=1, logger=False, callbacks=[record],
+        record = RecordMetrics()
+        trainer = pl.Trainer(max_steps=max_steps, log_every_n_steps=1, logger=record,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              limit_val_batches=0, accelerator="cpu")
         trainer.fit(make_vae(objective=ELBO(beta=0.5, kl_warmup_steps=10)), loader, ckpt_path=ckpt_path)
-        return trainer, record.weights
+        return trainer, record.series("train/kl_weight")
 
     trainer, first = fit(6)  # stops mid-epoch (4 steps an epoch), mid-warm-up
     trainer.save_checkpoint(tmp_path / "mid.ckpt")

@@ -23,8 +23,9 @@ The protocols that draw binary pixels are for one-channel images only.
 """
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -34,10 +35,12 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 from vaelab import image_sets
 from vaelab.config import ConfigError
+from vaelab.steps import split_steps
 
 log = logging.getLogger(__name__)
 
 BINARIZE = ("dynamic", "static", "none")
+CHUNK = 1 << 22  # random numbers drawn at a time to skip a resumed epoch's earlier draws
 
 
 def _seeded(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -85,20 +88,39 @@ def whole_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     return batch
 
 
-class EpochShuffle(RandomSampler):
-    """A fresh permutation per epoch, seeded by ``(seed, epoch)``, drawing nothing from the global
-    random state; Lightning calls :meth:`set_epoch` before every epoch."""
+class EpochOrder(Sampler):
+    """The epoch-seeded order of a sampler, which can start part-way into an epoch: a run resumed
+    from a checkpoint written mid-epoch takes the rest of that epoch's order (Lightning, given a
+    plain DataLoader, would restart the epoch's iterator from its first batch). Lightning calls
+    :meth:`set_epoch` before every epoch; subclasses give :meth:`order`."""
 
-    def __init__(self, data_source: Dataset, seed: int = 0) -> None:
-        super().__init__(data_source)
-        self.seed, self.epoch = seed, 0
+    seed: int
+    epoch = 0
+    resume_at = (-1, 0)  # (epoch, indices of it already taken)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self):
+    def order(self) -> list[int]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, taken = self.resume_at
+        self.resume_at = (-1, 0)
+        return iter(self.order()[taken if epoch == self.epoch else 0:])
+
+
+class EpochShuffle(EpochOrder, RandomSampler):
+    """A fresh permutation per epoch, seeded by ``(seed, epoch)``, drawing nothing from the global
+    random state."""
+
+    def __init__(self, data_source: Dataset, seed: int = 0) -> None:
+        super().__init__(data_source)
+        self.seed = seed
+
+    def order(self) -> list[int]:
         generator = _seeded(rank_seed(self.seed, 0, self.epoch))
-        return iter(torch.randperm(len(self.data_source), generator=generator).tolist())
+        return torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
 def resident_loader(dataset: Dataset, batch_size: int, sampler: Sampler | None, seed: int) -> DataLoader:
@@ -128,6 +150,8 @@ class ImageDataModule(pl.LightningDataModule):
         split_seed: seed of the train/validation split (fixed across runs by default).
         eval_seed: seed of the fixed binarization of validation and test (and of ``static``).
         seed: seed of the training order and of dynamic binarization (the run's seed).
+        steps_per_call: training batches delivered at once (:mod:`vaelab.steps`): each training
+            batch is the list of that many per-step batches ``(x, y)``.
         download: try to download torchvision's files when they are not under ``root``.
     """
 
@@ -144,6 +168,7 @@ class ImageDataModule(pl.LightningDataModule):
         split_seed: int = 0,
         eval_seed: int = 0,
         seed: int = 0,
+        steps_per_call: int = 1,
         download: bool = True,
     ) -> None:
         super().__init__()
@@ -156,10 +181,14 @@ class ImageDataModule(pl.LightningDataModule):
         self.image_shape = tuple(image_shape) if image_shape is not None else None
         self.batch_size, self.eval_batch_size, self.val_size = batch_size, eval_batch_size, val_size
         self.binarize, self.split_seed, self.eval_seed, self.seed = binarize, split_seed, eval_seed, seed
+        self.steps_per_call = steps_per_call
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
         self.files: dict[str, image_sets.Partition] = {}  # "train"/"test" -> (images as stored, labels), read once
         self.generator: torch.Generator | None = None
         self.generator_epoch = -1
+        self.steps_taken = (0, 0)  # (epoch, training steps delivered in it), saved in checkpoints
+        self.resume_at = (-1, 0)  # the same, from the checkpoint a run resumes
+        self.resumed_images = 0  # training images of that epoch before the resumed checkpoint
 
     @property
     def kind(self) -> str:
@@ -226,7 +255,24 @@ class ImageDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.generator = None  # a new fit: the first batch seeds the binarization afresh
-        return self._loader("train", self.batch_size, shuffle=True)
+        self.resumed_images = 0
+        loader = self._loader("train", self.batch_size * self.steps_per_call, shuffle=True)
+        self._resume(loader.sampler, self.batch_size)
+        return loader
+
+    def _resume(self, sampler: Sampler, step_size: int) -> None:
+        """Start ``sampler`` after the steps a resumed checkpoint had taken in its epoch (and the
+        binarization's draws after theirs: :meth:`binarized`)."""
+        epoch, steps = self.resume_at
+        if isinstance(sampler, EpochOrder) and steps:
+            sampler.resume_at = (epoch, steps * step_size)
+            self.resumed_images += steps * step_size
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps_taken": self.steps_taken}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.resume_at = tuple(state_dict["steps_taken"])
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size, shuffle=False)
@@ -234,18 +280,37 @@ class ImageDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.eval_batch_size, shuffle=False)
 
-    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        """Dynamic binarization of a training batch, on its device: a Bernoulli draw from this
-        rank's generator, reseeded by ``(seed, epoch, rank)`` at the first batch of every epoch.
-        Under ``overfit_batches`` every epoch redraws with epoch 0's seed, so the fitted batches
-        stay fixed."""
-        trainer = self.trainer
-        if self.binarize != "dynamic" or trainer is None or not trainer.training:
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> Any:
+        """A training batch, on its device: binarized (:meth:`binarized`), then the list of its
+        per-step batches (:func:`vaelab.steps.split_steps`). Other batches pass as they are."""
+        if self.trainer is None or not self.trainer.training:
+            return batch
+        return self._count(split_steps(self.binarized(batch), self.batch_size))
+
+    def _count(self, steps: list) -> list:
+        """``steps``, counted in :attr:`steps_taken` (which a checkpoint written after them saves)."""
+        epoch, taken = self.steps_taken
+        epoch_now = self.trainer.current_epoch
+        self.steps_taken = (epoch_now, (taken if epoch == epoch_now else 0) + len(steps))
+        return steps
+
+    def binarized(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Dynamic binarization of a training batch: a Bernoulli draw from this rank's generator,
+        reseeded by ``(seed, epoch, rank)`` at the first batch of every epoch. The draws of ``K``
+        batches at once are those of the ``K`` batches one by one (a CPU generator is consumed in
+        order); an epoch resumed part-way first skips the draws of the images taken before. Under
+        ``overfit_batches`` every epoch redraws with epoch 0's seed, so the fitted batches stay fixed."""
+        if self.binarize != "dynamic":
             return batch
         x, y = batch
+        trainer = self.trainer
         if self.generator is None or self.generator_epoch != trainer.current_epoch:
             epoch = 0 if trainer.overfit_batches else trainer.current_epoch
             self.generator = _seeded(rank_seed(self.seed, trainer.global_rank, epoch), x.device)
+            if self.resume_at[0] == trainer.current_epoch:  # the draws of the images taken before
+                skipped = self.resumed_images * x[0].numel()
+                for n in [CHUNK] * (skipped // CHUNK) + [skipped % CHUNK]:
+                    torch.rand(n, generator=self.generator, device=x.device)
             self.generator_epoch = trainer.current_epoch
         return bernoulli(x, self.generator), y
 

@@ -93,13 +93,10 @@ class MADEModel(Optimization):
         self.made.set_mask(current)
         return x.unflatten(1, self.image_shape)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_loss(self, batch: tuple[Tensor, Tensor], log: bool) -> tuple[Tensor, dict[str, Tensor]]:
         x, _ = batch
         self.made.set_mask(self.global_step % self.made.n_masks)
-        loss = -self.mask_log_prob(x).mean()
-        # the progress bar reads the value back every step: a host sync on a GPU, so CPU only
-        self.log("train/loss", loss, prog_bar=self.device.type == "cpu", batch_size=float(len(x)))
-        return loss
+        return -self.mask_log_prob(x).mean(), {}
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._log_nll(batch[0], "val")

@@ -1,16 +1,22 @@
-"""How every vaelab model is optimised: L2 on weight matrices only, and gradient clipping that
-also works under bf16-mixed with a fused optimizer.
+"""How every vaelab model is optimised: several optimizer steps per Lightning call, L2 on weight
+matrices only, and gradient clipping that also works under bf16-mixed with a fused optimizer.
 
-:class:`Optimization` is a mixin for a ``LightningModule`` with two attributes: ``optimizer``, a
-partial optimizer called with the parameter groups, and ``l2``, the weight decay.
+:class:`Optimization` is the base of vaelab's ``LightningModule`` s. A model gives it
+``optimizer`` (a partial optimizer, called with the parameter groups), ``l2`` (the weight decay)
+and :meth:`Optimization.training_loss` (one batch's loss and the metrics to log); the base class
+runs the optimizer steps. Training is under Lightning's manual optimization: each
+``training_step`` call receives the list of batches the DataModule grouped (``steps_per_call``,
+:mod:`vaelab.steps`) and takes one optimizer step on each, with the Trainer's gradient clipping.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.plugins.precision import MixedPrecision, Precision
 from pytorch_lightning.utilities import GradClipAlgorithmType
-from torch import nn
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 
@@ -23,10 +29,67 @@ def parameter_groups(module: nn.Module, l2: float) -> list[dict]:
 
 
 class Optimization(pl.LightningModule):
-    """``configure_optimizers`` and ``configure_gradient_clipping`` for vaelab's models."""
+    """``training_step`` (optimizer steps on a list of batches), ``configure_optimizers`` and
+    ``configure_gradient_clipping`` for vaelab's models.
 
+    Attributes:
+        gradient_clip_val, gradient_clip_algorithm: the clipping each step applies (the Trainer's
+            ``gradient_clip_val``/``gradient_clip_algorithm``, which ``vaelab.train`` hands over:
+            Lightning refuses to clip for a module under manual optimization). None: no clipping.
+    """
+
+    automatic_optimization = False
     optimizer: Callable[[list[dict]], Optimizer]
     l2: float
+    gradient_clip_val: float | None = None
+    gradient_clip_algorithm: str | None = None
+
+    def training_loss(self, batch: Any, log: bool) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """One optimizer step's loss on ``batch``, and (where ``log``) the metrics to log, named
+        ``train/...``; ``train/loss`` is added. ``self.global_step`` is the step being taken."""
+        raise NotImplementedError
+
+    def training_step(self, batches: Sequence[Any], batch_idx: int) -> Tensor:
+        """One optimizer step per batch of ``batches``, stopping at ``trainer.max_steps``;
+        returns the losses ``[steps taken]`` (for :class:`vaelab.callbacks.finite_loss.FiniteLossCheck`)."""
+        optimizer, trainer = self.optimizers(), self.trainer
+        losses = []
+        for batch in batches:
+            if 0 <= trainer.max_steps <= self.global_step:
+                break
+            step, log = self.global_step, self._logs_this_step()
+            loss, metrics = self.training_loss(batch, log)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            if self.gradient_clip_val:
+                self.configure_gradient_clipping(optimizer, self.gradient_clip_val, self.gradient_clip_algorithm)
+            optimizer.step()  # Lightning's wrapper: global_step += 1
+            losses.append(loss.detach())
+            if log:
+                self._write_metrics({"train/loss": loss, **metrics}, step)
+        # Lightning steps its loggers' x axis (validation metrics, LearningRateMonitor) once per call
+        # (Lightning-AI/pytorch-lightning#17958): keep it at the optimizer step.
+        trainer.fit_loop.epoch_loop._batches_that_stepped += max(len(losses) - 1, 0)
+        return torch.stack(losses)
+
+    def _logs_this_step(self) -> bool:
+        """Whether this optimizer step's metrics are logged: every ``trainer.log_every_n_steps``
+        steps (computing them costs about as much Python time as the rest of a small step)."""
+        trainer = self._trainer
+        if trainer is None or trainer.fast_dev_run:
+            return True
+        return trainer.log_every_n_steps > 0 and (trainer.global_step + 1) % trainer.log_every_n_steps == 0
+
+    def _write_metrics(self, metrics: dict[str, Tensor | float], step: int) -> None:
+        """The metrics of the optimizer step ``step``, to the loggers at that step (``self.log``
+        would write them at the end of the call, at Lightning's count of calls), and the loss to
+        the progress bar (on a CPU: on a GPU reading it back each call would synchronise)."""
+        values = {name: float(torch.as_tensor(value).detach()) for name, value in metrics.items()}
+        values["epoch"] = self.current_epoch
+        for logger in self.loggers:
+            logger.log_metrics(values, step=step)
+        if self.device.type == "cpu":
+            self.log("train/loss", values["train/loss"], prog_bar=True, logger=False)
 
     def configure_optimizers(self) -> Optimizer:
         return self.optimizer(parameter_groups(self, self.l2))
@@ -35,12 +98,13 @@ class Optimization(pl.LightningModule):
         self,
         optimizer: Optimizer,
         gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: GradClipAlgorithmType | None = None,
+        gradient_clip_algorithm: GradClipAlgorithmType | str | None = None,
     ) -> None:
         plugin = self.trainer.precision_plugin
         if isinstance(plugin, MixedPrecision) and plugin.scaler is None and gradient_clip_val:
             # bf16-mixed scales no gradients, yet Lightning refuses to clip them for a fused optimizer
             # under any mixed precision (a guard for 16-mixed's scaler; Lightning-AI/pytorch-lightning#21435).
-            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, gradient_clip_algorithm)
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
         else:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)

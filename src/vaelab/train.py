@@ -44,6 +44,7 @@ from vaelab.checkpoint import (
 )
 from vaelab.checkpoint_io import CheckpointSaveError
 from vaelab.config import ConfigError, instantiate, validate
+from vaelab.steps import gradient_clipping, trainer_arguments
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
     ``extra_callbacks`` join the configured ones (``benchmarks/train_speed.py`` times epochs so).
     """
     validate(cfg)
+    trainer_settings = trainer_arguments(cfg)  # steps_per_call: checked here, before anything is set up
     # Set before torch's first parallel op: its worker threads take the setting when they start.
     torch.set_flush_denormal(cfg.flush_denormal)
     output_dir = Path(cfg.paths.output_dir)
@@ -225,7 +227,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
     # ResumeRandomState last: its on_train_start sets the random streams after every other callback's
     callbacks += [TrainingProgress(), ProcessGroupTeardown(), *extra_callbacks, ResumeRandomState()]
     loggers = instantiate_all(cfg.get("logger"))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **trainer_settings)
+    model.gradient_clip_val, model.gradient_clip_algorithm = gradient_clipping(cfg)
     write_run_info(output_dir, cfg)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)

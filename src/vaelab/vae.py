@@ -253,18 +253,14 @@ class VAE(Optimization):
         if hasattr(self.prior, "initialise_from") and self.trainer.global_step == 0 and datamodule is not None:
             self.prior.initialise_from(datamodule.splits["train"][0])
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_loss(self, batch: tuple[Tensor, Tensor], log: bool) -> tuple[Tensor, dict[str, Tensor | float]]:
         x, _ = batch
         d = self(x, self.objective.n_samples, getattr(self.objective, "estimator", "plain") == "dreg")
         loss = self.objective(d, self.global_step)
-        if self._logs_this_step():
-            self._log_elbo(d, "train", len(x))
-            # Lightning reads progress-bar values back (.item()) after every batch: a host sync
-            # per step on a GPU, so there the bar shows validation numbers only.
-            self.log("train/loss", loss, prog_bar=self.device.type == "cpu", batch_size=float(len(x)))
-            if isinstance(self.objective, ELBO):  # the warm-up schedule, as it was applied
-                self.log("train/kl_weight", self.objective.kl_weight(self.global_step), batch_size=float(len(x)))
-        return loss
+        metrics: dict[str, Tensor | float] = {**self._elbo_metrics(d, "train")} if log else {}
+        if log and isinstance(self.objective, ELBO):  # the warm-up schedule, as it was applied
+            metrics["train/kl_weight"] = self.objective.kl_weight(self.global_step)
+        return loss, metrics
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, _ = batch
@@ -280,20 +276,16 @@ class VAE(Optimization):
             self.log_dict(metrics, on_epoch=True, batch_size=float(len(x)), sync_dist=True)
 
     def _log_elbo(self, d: LogDensities, stage: str, batch_size: int) -> None:
-        """Log the plain ELBO (beta = 1, no clamp) and its terms, averaged over the batch."""
-        rec, kl = (term.mean() for term in elbo_terms(d))
-        train = stage == "train"
+        """Log the plain ELBO and its terms of a validation or test batch."""
         # A float batch size: Lightning averages the per-process image counts, and would floor an
         # integer one, which biases the mean when the shards differ in size (tests/test_ddp.py).
-        log = dict(on_step=train, on_epoch=not train, batch_size=float(batch_size), sync_dist=not train)
-        self.log(f"{stage}/elbo", -(rec + kl), prog_bar=not train, **log)
-        self.log_dict({f"{stage}/rec": rec, f"{stage}/kl": kl}, **log)
+        metrics = self._elbo_metrics(d, stage)
+        self.log(f"{stage}/elbo", metrics.pop(f"{stage}/elbo"), prog_bar=True, on_epoch=True,
+                 batch_size=float(batch_size), sync_dist=True)
+        self.log_dict(metrics, on_epoch=True, batch_size=float(batch_size), sync_dist=True)
 
-    def _logs_this_step(self) -> bool:
-        """Whether Lightning writes this training step's metrics (every
-        ``trainer.log_every_n_steps`` steps): ``self.log`` costs about as much Python time as the
-        rest of a step, so the steps in between skip it."""
-        trainer = self._trainer
-        if trainer is None or trainer.fast_dev_run:
-            return True
-        return (trainer.global_step + 1) % trainer.log_every_n_steps == 0
+    @staticmethod
+    def _elbo_metrics(d: LogDensities, stage: str) -> dict[str, Tensor]:
+        """The plain ELBO (beta = 1, no clamp) and its terms, averaged over the batch."""
+        rec, kl = (term.mean() for term in elbo_terms(d))
+        return {f"{stage}/elbo": -(rec + kl), f"{stage}/rec": rec, f"{stage}/kl": kl}

@@ -10,18 +10,20 @@ A training batch is a dict ``{"labeled": (x [B_l, 1, 28, 28], y [B_l]), "unlabel
 ``CombinedLoader``: ``labeled_batch_size`` labeled and ``batch_size`` unlabeled images. An epoch
 is one pass over the unlabeled images; the labeled set, much smaller, is cycled (in a fresh order
 each time round), so every step sees both kinds. Dynamic binarization draws both parts afresh.
+With ``steps_per_call = K`` both loaders deliver ``K`` batches at once, and the model receives the
+list of ``K`` such dicts (:mod:`vaelab.steps`).
 """
 
 import logging
-from collections.abc import Iterator
+from typing import Any
 
 import torch
 from pytorch_lightning.utilities import CombinedLoader
 from torch import Tensor
-from torch.utils.data import Sampler
 
 from vaelab.config import ConfigError
-from vaelab.data import EpochShuffle, ImageDataModule, ResidentImages, _seeded, rank_seed, resident_loader
+from vaelab.data import EpochOrder, EpochShuffle, ImageDataModule, ResidentImages, _seeded, rank_seed, resident_loader
+from vaelab.steps import split_steps
 
 log = logging.getLogger(__name__)
 
@@ -51,23 +53,20 @@ def balanced_subset(y: Tensor, per_class: int, seed: int) -> Tensor:
     return torch.cat(chosen).sort().values
 
 
-class Cycled(Sampler):
+class Cycled(EpochOrder):
     """``length`` indices into ``n`` items: fresh permutations, one after another, seeded by
-    ``(seed, epoch)``, so every item is drawn equally often. Lightning calls :meth:`set_epoch`."""
+    ``(seed, epoch)``, so every item is drawn equally often."""
 
     def __init__(self, n: int, length: int, seed: int = 0) -> None:
-        self.n, self.length, self.seed, self.epoch = n, length, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.n, self.length, self.seed = n, length, seed
 
     def __len__(self) -> int:
         return self.length
 
-    def __iter__(self) -> Iterator[int]:
+    def order(self) -> list[int]:
         generator = _seeded(rank_seed(self.seed, 0, self.epoch) + 1)  # not the unlabeled order's stream
         order = torch.cat([torch.randperm(self.n, generator=generator) for _ in range(-(-self.length // self.n))])
-        return iter(order[: self.length].tolist())
+        return order[: self.length].tolist()
 
 
 class SemiSupervisedMNIST(ImageDataModule):
@@ -94,6 +93,7 @@ class SemiSupervisedMNIST(ImageDataModule):
             raise ConfigError(f"data.labeled_batch_size must be a positive integer, got {labeled_batch_size!r}")
         self.labels_per_class, self.label_seed = labels_per_class, label_seed
         self.labeled_batch_size = labeled_batch_size
+        self.labeled_step_size = labeled_batch_size  # at most the labels there are, once the data is set up
         self.labeled: Tensor | None = None  # indices into splits["train"]
 
     @property
@@ -135,18 +135,23 @@ class SemiSupervisedMNIST(ImageDataModule):
         labeled = ResidentImages(x[is_labeled], y[is_labeled])
         unlabeled = ResidentImages(x[~is_labeled], y[~is_labeled])  # labels: all -1
         steps = -(-len(unlabeled) // self.batch_size)
-        labeled_batch_size = min(self.labeled_batch_size, len(labeled))
-        cycled = Cycled(len(labeled), steps * labeled_batch_size, self.seed)
+        self.labeled_step_size = min(self.labeled_batch_size, len(labeled))
+        cycled = Cycled(len(labeled), steps * self.labeled_step_size, self.seed)
+        k = self.steps_per_call
         loaders = {
-            "labeled": resident_loader(labeled, labeled_batch_size, cycled, self.seed),
-            "unlabeled": resident_loader(unlabeled, self.batch_size, EpochShuffle(unlabeled, self.seed), self.seed),
+            "labeled": resident_loader(labeled, k * self.labeled_step_size, cycled, self.seed),
+            "unlabeled": resident_loader(unlabeled, k * self.batch_size, EpochShuffle(unlabeled, self.seed), self.seed),
         }
+        self._resume(loaders["labeled"].sampler, self.labeled_step_size)
+        self._resume(loaders["unlabeled"].sampler, self.batch_size)
         return CombinedLoader(loaders, mode="max_size_cycle")
 
-    def on_after_batch_transfer(self, batch: dict | tuple, dataloader_idx: int) -> dict | tuple:
-        """Dynamic binarization of both parts of a training batch (validation and test batches
-        are ``(x, y)`` and pass through the base class)."""
+    def on_after_batch_transfer(self, batch: dict | tuple, dataloader_idx: int) -> Any:
+        """A training batch ``{"labeled": (x, y), "unlabeled": (x, y)}``: both parts binarized,
+        then the list of per-step batches, each such a dict (validation and test batches are
+        ``(x, y)`` and pass through the base class)."""
         if not isinstance(batch, dict):
             return super().on_after_batch_transfer(batch, dataloader_idx)
-        return {part: super(SemiSupervisedMNIST, self).on_after_batch_transfer(xy, dataloader_idx)
-                for part, xy in batch.items()}
+        sizes = {"labeled": self.labeled_step_size, "unlabeled": self.batch_size}
+        parts = {part: split_steps(self.binarized(xy), sizes[part]) for part, xy in batch.items()}
+        return self._count([dict(zip(parts, step, strict=True)) for step in zip(*parts.values(), strict=True)])

@@ -194,15 +194,12 @@ class M2(Optimization):
             loss = loss - unlabeled
         return loss, terms
 
-    def training_step(self, batch: dict[str, tuple[Tensor, Tensor]], batch_idx: int) -> Tensor:
+    def training_loss(self, batch: dict[str, tuple[Tensor, Tensor]], log: bool) -> tuple[Tensor, dict[str, Tensor]]:
         """``batch``: ``{"labeled": (x, y), "unlabeled": (x, _)}`` (:mod:`vaelab.semisup.data`);
         the unlabeled part's labels (all -1) are not read."""
         (x_lab, y_lab), (x_unlab, _) = batch["labeled"], batch["unlabeled"]
         loss, terms = self.loss(x_lab, y_lab, x_unlab)
-        batch_size = float(len(x_lab) + len(x_unlab))
-        self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=batch_size)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        return loss
+        return loss, {f"train/{k}": v for k, v in terms.items()}
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         x, y = batch
