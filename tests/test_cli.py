@@ -38,6 +38,7 @@ def test_help_and_cfg(tmp_path):
     "args, status, message",
     [
         (["latent_dim=0"], 2, "error: latent_dim must be a positive integer (e.g. latent_dim=2), got 0"),
+        (["steps_per_call=0"], 2, "error: steps_per_call must be a positive integer"),
         (["model=nonexistent"], 1, "Could not find 'model/nonexistent'"),
         (["data.root=nowhere", "data.download=false"], 2, "error: MNIST is not under nowhere/MNIST/raw"),
     ],

@@ -95,15 +95,31 @@ def test_several_batches_per_call_are_the_batches_of_one_per_call(fake_root, ste
 
 
 def test_a_resumed_epoch_takes_up_where_its_checkpoint_was_written(fake_root):
-    """A DataModule restored from a checkpoint written 3 steps into epoch 1 delivers that epoch's
-    remaining steps (not the epoch again from its start), then whole epochs."""
-    done = make(fake_root, binarize="dynamic", steps_per_call=2)
-    epoch_1 = batches(done, 1)
+    """A DataModule restored from the state saved 4 steps (2 calls) into epoch 1 delivers the
+    rest of that epoch, images and binarization, as the uninterrupted one did; with another
+    steps_per_call it refuses (Lightning would count the epoch's calls wrong)."""
+    trainer = SimpleNamespace(training=True, current_epoch=1, global_rank=0, overfit_batches=0, world_size=1)
+
+    def loader(dm):
+        dm.trainer = trainer
+        calls = dm.train_dataloader()
+        calls.sampler.set_epoch(1)
+        return iter(calls)
+
     dm = make(fake_root, binarize="dynamic", steps_per_call=2)
-    dm.load_state_dict({"steps_taken": (1, 3)})
-    rest = batches(dm, 1)
-    assert len(rest) == 4 and all(torch.equal(a[0], b[0]) for a, b in zip(rest, epoch_1[3:], strict=True))
-    assert len(batches(dm, 2)) == 7
+    calls = loader(dm)
+    taken = [step for _ in range(2) for step in dm.on_after_batch_transfer(next(calls), 0)]
+    state = dm.state_dict()
+    rest = [step for call in calls for step in dm.on_after_batch_transfer(call, 0)]
+    resumed = make(fake_root, binarize="dynamic", steps_per_call=2)
+    resumed.load_state_dict(state)
+    again = [step for call in loader(resumed) for step in resumed.on_after_batch_transfer(call, 0)]
+    assert (len(taken), len(again)) == (4, 3)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(rest, again, strict=True))
+    other = make(fake_root, binarize="dynamic", steps_per_call=1)
+    other.load_state_dict(state)
+    with pytest.raises(ConfigError, match="written 4 steps into epoch 1 with steps_per_call=2"):
+        loader(other)
 
 
 def test_loading_draws_nothing_from_the_global_random_state(fake_root):

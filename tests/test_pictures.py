@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from vaelab import config_dir
 from vaelab.callbacks import pictures
 from vaelab.config import ConfigError
-from vaelab.train import instantiate_all, instantiate_callbacks
+from vaelab.train import instantiate_all, instantiate_callbacks, make_trainer
 
 PICTURES = ["reconstructions", "prior_samples", "latent_scatter", "manifold", "interpolations"]
 STEPS_PER_EPOCH = 7  # 200 training images in batches of 32
@@ -26,7 +26,7 @@ def fit(cfg):
     """Fit like vaelab.train, keeping the trainer (and its callbacks) for inspection."""
     pl.seed_everything(cfg.seed)
     model, datamodule = instantiate(cfg.model), instantiate(cfg.data)
-    trainer = instantiate(cfg.trainer, callbacks=instantiate_callbacks(cfg), logger=instantiate_all(cfg.logger))
+    trainer = make_trainer(cfg, model, instantiate_callbacks(cfg), instantiate_all(cfg.logger))
     trainer.fit(model, datamodule=datamodule)
     return trainer, model
 

@@ -85,8 +85,8 @@ def test_counts_of_training_batches_stay_counts_of_steps(make_cfg):
     (["steps_per_call=true"], "steps_per_call must be a positive integer"),
     (["steps_per_call=8", "+trainer.limit_train_batches=20"],
      r"trainer.limit_train_batches=20 \(training batches\) must be a multiple of steps_per_call=8"),
-    (["steps_per_call=8", "trainer.log_every_n_steps=1", "+trainer.overfit_batches=1"],
-     "trainer.overfit_batches=1 .* must be a multiple of steps_per_call=8"),
+    (["steps_per_call=8", "+trainer.overfit_batches=8"], "trainer.overfit_batches=8 needs steps_per_call=1"),
+    (["trainer.gradient_clip_algorithm=nrom"], "trainer.gradient_clip_algorithm must be norm or value"),
     (["+trainer.accumulate_grad_batches=2"], "trainer.accumulate_grad_batches=2 is not supported"),
 ])
 def test_bad_steps_per_call_fails_before_training(make_cfg, tmp_path, overrides, message):

@@ -40,7 +40,6 @@ from vaelab.steps import split_steps
 log = logging.getLogger(__name__)
 
 BINARIZE = ("dynamic", "static", "none")
-CHUNK = 1 << 22  # random numbers drawn at a time to skip a resumed epoch's earlier draws
 
 
 def _seeded(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -186,9 +185,11 @@ class ImageDataModule(pl.LightningDataModule):
         self.files: dict[str, image_sets.Partition] = {}  # "train"/"test" -> (images as stored, labels), read once
         self.generator: torch.Generator | None = None
         self.generator_epoch = -1
-        self.steps_taken = (0, 0)  # (epoch, training steps delivered in it), saved in checkpoints
-        self.resume_at = (-1, 0)  # the same, from the checkpoint a run resumes
-        self.resumed_images = 0  # training images of that epoch before the resumed checkpoint
+        if not (isinstance(steps_per_call, int) and not isinstance(steps_per_call, bool) and steps_per_call >= 1):
+            raise ConfigError(f"steps_per_call must be a positive integer (optimizer steps per Lightning call, "
+                              f"e.g. 8), got {steps_per_call!r}")
+        self.steps_taken = (0, 0)  # (epoch, training steps delivered in it): with the generator, in checkpoints
+        self.resumed: dict[str, Any] = {}  # state_dict() of the checkpoint a run resumes
 
     @property
     def kind(self) -> str:
@@ -254,25 +255,42 @@ class ImageDataModule(pl.LightningDataModule):
         return resident_loader(dataset, batch_size, sampler, self.seed)
 
     def train_dataloader(self) -> DataLoader:
-        self.generator = None  # a new fit: the first batch seeds the binarization afresh
-        self.resumed_images = 0
+        self._new_fit()
         loader = self._loader("train", self.batch_size * self.steps_per_call, shuffle=True)
         self._resume(loader.sampler, self.batch_size)
         return loader
 
+    def _new_fit(self) -> None:
+        """A fit starts (Lightning asks for the training loader): the first batch seeds the
+        binarization afresh, unless a run resumes part-way into an epoch (:meth:`binarized`)."""
+        self.generator = None
+
+    def _resumes_mid_epoch(self) -> bool:
+        """Whether this fit resumes a checkpoint written part-way into the epoch it starts in, in
+        one process: then the epoch's order and draws continue (under DDP, and under
+        ``overfit_batches``, Lightning replaces the sampler, and the epoch starts afresh)."""
+        trainer, state = self.trainer, self.resumed
+        if not state or trainer is None or state["epoch"] != trainer.current_epoch or not state["steps"]:
+            return False
+        if state["steps_per_call"] != self.steps_per_call:
+            raise ConfigError(f"the checkpoint was written {state['steps']} steps into epoch {state['epoch']} with "
+                              f"steps_per_call={state['steps_per_call']}; resume it with the same steps_per_call "
+                              "(Lightning counts the epoch's calls)")
+        return trainer.world_size == 1 and not trainer.overfit_batches
+
     def _resume(self, sampler: Sampler, step_size: int) -> None:
-        """Start ``sampler`` after the steps a resumed checkpoint had taken in its epoch (and the
-        binarization's draws after theirs: :meth:`binarized`)."""
-        epoch, steps = self.resume_at
-        if isinstance(sampler, EpochOrder) and steps:
-            sampler.resume_at = (epoch, steps * step_size)
-            self.resumed_images += steps * step_size
+        """Start ``sampler`` after the steps a resumed checkpoint had taken in its epoch."""
+        if isinstance(sampler, EpochOrder) and self._resumes_mid_epoch():
+            sampler.resume_at = (self.resumed["epoch"], self.resumed["steps"] * step_size)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps_taken": self.steps_taken}
+        epoch, steps = self.steps_taken
+        generator = self.generator.get_state() if self.generator is not None else None
+        return {"epoch": epoch, "steps": steps, "steps_per_call": self.steps_per_call, "generator": generator}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.resume_at = tuple(state_dict["steps_taken"])
+        self.resumed = state_dict
+        self.steps_taken = (state_dict["epoch"], state_dict["steps"])
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size, shuffle=False)
@@ -296,10 +314,11 @@ class ImageDataModule(pl.LightningDataModule):
 
     def binarized(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """Dynamic binarization of a training batch: a Bernoulli draw from this rank's generator,
-        reseeded by ``(seed, epoch, rank)`` at the first batch of every epoch. The draws of ``K``
-        batches at once are those of the ``K`` batches one by one (a CPU generator is consumed in
-        order); an epoch resumed part-way first skips the draws of the images taken before. Under
-        ``overfit_batches`` every epoch redraws with epoch 0's seed, so the fitted batches stay fixed."""
+        seeded by ``(seed, epoch, rank)`` at the first batch of every epoch; an epoch resumed
+        part-way continues the generator saved in the checkpoint. The draws of ``K`` batches at
+        once are those of the ``K`` batches one by one (a CPU generator is consumed in order).
+        Under ``overfit_batches`` every epoch redraws with epoch 0's seed, so the fitted batches
+        stay fixed."""
         if self.binarize != "dynamic":
             return batch
         x, y = batch
@@ -307,10 +326,8 @@ class ImageDataModule(pl.LightningDataModule):
         if self.generator is None or self.generator_epoch != trainer.current_epoch:
             epoch = 0 if trainer.overfit_batches else trainer.current_epoch
             self.generator = _seeded(rank_seed(self.seed, trainer.global_rank, epoch), x.device)
-            if self.resume_at[0] == trainer.current_epoch:  # the draws of the images taken before
-                skipped = self.resumed_images * x[0].numel()
-                for n in [CHUNK] * (skipped // CHUNK) + [skipped % CHUNK]:
-                    torch.rand(n, generator=self.generator, device=x.device)
+            if self.resumed.get("generator") is not None and self._resumes_mid_epoch():
+                self.generator.set_state(self.resumed["generator"])
             self.generator_epoch = trainer.current_epoch
         return bernoulli(x, self.generator), y
 

@@ -36,6 +36,8 @@ class Optimization(pl.LightningModule):
         gradient_clip_val, gradient_clip_algorithm: the clipping each step applies (the Trainer's
             ``gradient_clip_val``/``gradient_clip_algorithm``, which ``vaelab.train`` hands over:
             Lightning refuses to clip for a module under manual optimization). None: no clipping.
+        log_every_n_steps: optimizer steps between logged training metrics (``vaelab.train``
+            hands over the Trainer's, which it gives Lightning in calls). None: the Trainer's.
     """
 
     automatic_optimization = False
@@ -43,6 +45,7 @@ class Optimization(pl.LightningModule):
     l2: float
     gradient_clip_val: float | None = None
     gradient_clip_algorithm: str | None = None
+    log_every_n_steps: int | None = None
 
     def training_loss(self, batch: Any, log: bool) -> tuple[Tensor, dict[str, Tensor | float]]:
         """One optimizer step's loss on ``batch``, and (where ``log``) the metrics to log, named
@@ -67,8 +70,8 @@ class Optimization(pl.LightningModule):
             losses.append(loss.detach())
             if log:
                 self._write_metrics({"train/loss": loss, **metrics}, step)
-        # Lightning steps its loggers' x axis (validation metrics, LearningRateMonitor) once per call
-        # (Lightning-AI/pytorch-lightning#17958): keep it at the optimizer step.
+        # Lightning writes validation metrics at its count of calls (Lightning-AI/pytorch-lightning#17958):
+        # keep that count at the optimizer step, so every curve shares one x axis.
         trainer.fit_loop.epoch_loop._batches_that_stepped += max(len(losses) - 1, 0)
         return torch.stack(losses)
 
@@ -78,13 +81,15 @@ class Optimization(pl.LightningModule):
         trainer = self._trainer
         if trainer is None or trainer.fast_dev_run:
             return True
-        return trainer.log_every_n_steps > 0 and (trainer.global_step + 1) % trainer.log_every_n_steps == 0
+        n = self.log_every_n_steps if self.log_every_n_steps is not None else trainer.log_every_n_steps
+        return n > 0 and (trainer.global_step + 1) % n == 0
 
     def _write_metrics(self, metrics: dict[str, Tensor | float], step: int) -> None:
         """The metrics of the optimizer step ``step``, to the loggers at that step (``self.log``
         would write them at the end of the call, at Lightning's count of calls), and the loss to
         the progress bar (on a CPU: on a GPU reading it back each call would synchronise)."""
-        values = {name: float(torch.as_tensor(value).detach()) for name, value in metrics.items()}
+        numbers = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device) for v in metrics.values()])
+        values = dict(zip(metrics, numbers.detach().tolist(), strict=True))  # one read-back from the device
         values["epoch"] = self.current_epoch
         for logger in self.loggers:
             logger.log_metrics(values, step=step)

@@ -25,7 +25,7 @@ from torch import Tensor
 from vaelab.config import ConfigError
 
 # Trainer settings given in training batches, which Lightning counts in calls of K batches.
-COUNTED_IN_CALLS = ("limit_train_batches", "overfit_batches", "val_check_interval")
+COUNTED_IN_CALLS = ("limit_train_batches", "val_check_interval")
 
 
 def split_steps(batch: Sequence[Tensor], batch_size: int) -> list[tuple[Tensor, ...]]:
@@ -51,16 +51,26 @@ def steps_per_call(cfg: DictConfig) -> int:
 
 def trainer_arguments(cfg: DictConfig) -> dict[str, Any]:
     """Keyword arguments that replace ``cfg.trainer``'s for ``steps_per_call = K``: the settings
-    of :data:`COUNTED_IN_CALLS` given as a number of batches, divided by ``K``, and no gradient
-    clipping (Lightning refuses it under manual optimization; the module clips, with the
-    Trainer's settings: :func:`gradient_clipping`). Raises :class:`ConfigError` for a setting
-    that ``K`` does not divide or that manual optimization cannot honour."""
+    of :data:`COUNTED_IN_CALLS` given as a number of batches, divided by ``K``; no gradient
+    clipping (Lightning refuses it under manual optimization) and ``log_every_n_steps`` in calls:
+    the module clips and logs with the Trainer's settings (:func:`module_settings`). Raises
+    :class:`ConfigError` for a setting that ``K`` does not divide or that cannot be honoured."""
     k = steps_per_call(cfg)
     arguments: dict[str, Any] = {"gradient_clip_val": None, "gradient_clip_algorithm": None}
+    # Lightning flushes its loggers (and warns of short epochs) by its count of calls
+    n = OmegaConf.select(cfg, "trainer.log_every_n_steps", default=50)
+    arguments["log_every_n_steps"] = max(1, n // k) if n else 0
     accumulate = OmegaConf.select(cfg, "trainer.accumulate_grad_batches", default=1)
     if accumulate != 1:
         raise ConfigError(f"trainer.accumulate_grad_batches={accumulate} is not supported (each batch takes its "
                           "own optimizer step): set it to 1, and batch_size to the images per step you want")
+    overfit = OmegaConf.select(cfg, "trainer.overfit_batches", default=0)
+    if overfit and k > 1:
+        raise ConfigError(f"trainer.overfit_batches={overfit} needs steps_per_call=1 (Lightning would fit {k} "
+                          "batches per call and cut validation to as many calls), as debug=overfit sets")
+    algorithm = OmegaConf.select(cfg, "trainer.gradient_clip_algorithm", default=None)
+    if algorithm not in (None, "norm", "value"):
+        raise ConfigError(f"trainer.gradient_clip_algorithm must be norm or value, got {algorithm!r}")
     for key in COUNTED_IN_CALLS:
         value = OmegaConf.select(cfg, f"trainer.{key}", default=None)
         if not _is_count(value) or value <= 0:  # unset, or a fraction of the epoch: the same in calls
@@ -72,8 +82,9 @@ def trainer_arguments(cfg: DictConfig) -> dict[str, Any]:
     return arguments
 
 
-def gradient_clipping(cfg: DictConfig) -> tuple[float | None, str | None]:
-    """``(trainer.gradient_clip_val, trainer.gradient_clip_algorithm)`` of a run config: what
-    :class:`vaelab.optim.Optimization` clips with."""
-    return (OmegaConf.select(cfg, "trainer.gradient_clip_val", default=None),
-            OmegaConf.select(cfg, "trainer.gradient_clip_algorithm", default=None))
+def module_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The Trainer's settings that :class:`vaelab.optim.Optimization` applies itself, by attribute:
+    the gradient clipping, and ``log_every_n_steps`` in optimizer steps."""
+    return {"gradient_clip_val": OmegaConf.select(cfg, "trainer.gradient_clip_val", default=None),
+            "gradient_clip_algorithm": OmegaConf.select(cfg, "trainer.gradient_clip_algorithm", default=None),
+            "log_every_n_steps": OmegaConf.select(cfg, "trainer.log_every_n_steps", default=50)}

@@ -44,7 +44,7 @@ from vaelab.checkpoint import (
 )
 from vaelab.checkpoint_io import CheckpointSaveError
 from vaelab.config import ConfigError, instantiate, validate
-from vaelab.steps import gradient_clipping, trainer_arguments
+from vaelab.steps import module_settings, trainer_arguments
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,18 @@ def log_hparams(logger: TensorBoardLogger, params: dict[str, Any], metrics: dict
         logger.experiment._get_file_writer().add_summary(summary, step)  # as Lightning's log_hyperparams
 
 
+def make_trainer(cfg: DictConfig, model: pl.LightningModule, callbacks: Sequence[pl.Callback],
+                 loggers: Sequence[Any], settings: dict[str, Any] | None = None) -> pl.Trainer:
+    """The Trainer of ``cfg.trainer`` for ``steps_per_call`` (:func:`vaelab.steps.trainer_arguments`,
+    or ``settings`` already made by it), and ``model`` set to apply the Trainer's gradient
+    clipping and logging interval itself (:func:`vaelab.steps.module_settings`)."""
+    settings = trainer_arguments(cfg) if settings is None else settings
+    trainer = instantiate(cfg.trainer, callbacks=list(callbacks), logger=list(loggers) or False, **settings)
+    for name, value in module_settings(cfg).items():
+        setattr(model, name, value)
+    return trainer
+
+
 def remove_if_unused(run_dir: Path) -> None:
     """Remove a run directory that holds only what Hydra wrote before the run started
     (``.hydra/``, ``<job>.log``): a refused config leaves no run behind."""
@@ -227,8 +239,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
     # ResumeRandomState last: its on_train_start sets the random streams after every other callback's
     callbacks += [TrainingProgress(), ProcessGroupTeardown(), *extra_callbacks, ResumeRandomState()]
     loggers = instantiate_all(cfg.get("logger"))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **trainer_settings)
-    model.gradient_clip_val, model.gradient_clip_algorithm = gradient_clipping(cfg)
+    trainer = make_trainer(cfg, model, callbacks, loggers, trainer_settings)
     write_run_info(output_dir, cfg)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -58,9 +58,12 @@ class Pictures(Callback):
     def images_dir(self, trainer: Trainer) -> Path:
         return Path(self.out_dir or Path(trainer.default_root_dir) / "images")
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        """``log_spaced_steps``: the weights after 1, 2, 4, ... optimizer steps of the first epoch,
+        drawn before the next step's update (a hook of every optimizer step, also inside a call of
+        several: ``steps_per_call``)."""
         step = trainer.global_step
-        if self.log_spaced_steps and 0 < step < trainer.num_training_batches and step & (step - 1) == 0:
+        if self.log_spaced_steps and trainer.current_epoch == 0 and step > 0 and step & (step - 1) == 0:
             self.snapshot(trainer, pl_module, early=True)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -74,10 +77,11 @@ class Pictures(Callback):
         self.last_step = step
         was_training = pl_module.training
         pl_module.eval()
-        try:
-            if not self.encodes_finitely(pl_module):
-                return  # diverged: nothing to draw; FiniteLossCheck stops the run with a message
-            picture = self.draw(pl_module, early)
+        try:  # in float32, also when drawn inside a bf16-mixed training step (the log-spaced steps)
+            with torch.autocast(pl_module.device.type, enabled=False):
+                if not self.encodes_finitely(pl_module):
+                    return  # diverged: nothing to draw; FiniteLossCheck stops the run with a message
+                picture = self.draw(pl_module, early)
         finally:
             pl_module.train(was_training)
         path = self.images_dir(trainer) / self.name / f"step_{step:07d}.png"

@@ -34,6 +34,8 @@ class StepCheckpoint(ModelCheckpoint):
         if n < 1 or step // n == self.call_starts_at // n or self._should_skip_saving_checkpoint(trainer):
             return
         candidates = self._monitor_candidates(trainer)
-        if self.monitor is None or self.monitor in candidates:
-            self._save_topk_checkpoint(trainer, candidates)
+        if self.monitor is not None and self.monitor not in candidates:
+            self._defer_save_until_validation = True  # as Lightning: saved when validation has logged it
+            return
+        self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)

@@ -130,6 +130,7 @@ class SemiSupervisedMNIST(ImageDataModule):
                  len(labeled), self.labels_per_class, self.label_seed, len(x) - len(labeled))
 
     def train_dataloader(self) -> CombinedLoader:
+        self._new_fit()
         x, y = self.splits["train"]
         is_labeled = y != UNLABELED
         labeled = ResidentImages(x[is_labeled], y[is_labeled])
