@@ -114,3 +114,16 @@ def test_resumed_mid_epoch_a_run_gives_the_uninterrupted_numbers(make_cfg, tmp_p
     train(make_cfg(k, "max_epochs=2", every_5, "ckpt_path=last", output_dir=stopped), extra_callbacks=[resumed])
     assert straight.step == resumed.step == 2 * STEPS_PER_EPOCH
     assert all(torch.equal(straight.weights[name], resumed.weights[name]) for name in straight.weights)
+
+
+def test_training_metrics_reach_callback_metrics(make_cfg):
+    """Written to the loggers at their own step, and also where callbacks look (EarlyStopping, a
+    checkpoint's monitor)."""
+    seen = {}
+
+    class Look(pl.Callback):
+        def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            seen.update(trainer.callback_metrics)
+
+    train(make_cfg("max_epochs=1", "trainer.log_every_n_steps=1"), extra_callbacks=[Look()])
+    assert {"train/loss", "train/elbo", "train/rec", "train/kl", "train/kl_weight"} <= set(seen)

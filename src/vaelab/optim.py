@@ -86,15 +86,16 @@ class Optimization(pl.LightningModule):
 
     def _write_metrics(self, metrics: dict[str, Tensor | float], step: int) -> None:
         """The metrics of the optimizer step ``step``, to the loggers at that step (``self.log``
-        would write them at the end of the call, at Lightning's count of calls), and the loss to
-        the progress bar (on a CPU: on a GPU reading it back each call would synchronise)."""
+        would write them at the end of the call, at Lightning's count of calls), and to Lightning's
+        ``callback_metrics`` (the loss also to the progress bar on a CPU)."""
         numbers = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device) for v in metrics.values()])
         values = dict(zip(metrics, numbers.detach().tolist(), strict=True))  # one read-back from the device
         values["epoch"] = self.current_epoch
         for logger in self.loggers:
             logger.log_metrics(values, step=step)
-        if self.device.type == "cpu":
-            self.log("train/loss", values["train/loss"], prog_bar=True, logger=False)
+        # in callback_metrics too (EarlyStopping, a checkpoint monitor), the loss in the bar on a CPU
+        self.log_dict({k: v for k, v in values.items() if k != "train/loss" and k != "epoch"}, logger=False)
+        self.log("train/loss", values["train/loss"], prog_bar=self.device.type == "cpu", logger=False)
 
     def configure_optimizers(self) -> Optimizer:
         return self.optimizer(parameter_groups(self, self.l2))
