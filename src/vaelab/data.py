@@ -33,9 +33,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
-from vaelab import image_sets
+from vaelab import image_sets, steps
 from vaelab.config import ConfigError
-from vaelab.steps import split_steps
 
 log = logging.getLogger(__name__)
 
@@ -180,14 +179,11 @@ class ImageDataModule(pl.LightningDataModule):
         self.image_shape = tuple(image_shape) if image_shape is not None else None
         self.batch_size, self.eval_batch_size, self.val_size = batch_size, eval_batch_size, val_size
         self.binarize, self.split_seed, self.eval_seed, self.seed = binarize, split_seed, eval_seed, seed
-        self.steps_per_call = steps_per_call
+        self.steps_per_call = steps.checked(steps_per_call)
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
         self.files: dict[str, image_sets.Partition] = {}  # "train"/"test" -> (images as stored, labels), read once
         self.generator: torch.Generator | None = None
         self.generator_epoch = -1
-        if not (isinstance(steps_per_call, int) and not isinstance(steps_per_call, bool) and steps_per_call >= 1):
-            raise ConfigError(f"steps_per_call must be a positive integer (optimizer steps per Lightning call, "
-                              f"e.g. 8), got {steps_per_call!r}")
         self.steps_taken = (0, 0)  # (epoch, training steps delivered in it): with the generator, in checkpoints
         self.resumed: dict[str, Any] = {}  # state_dict() of the checkpoint a run resumes
 
@@ -303,7 +299,7 @@ class ImageDataModule(pl.LightningDataModule):
         per-step batches (:func:`vaelab.steps.split_steps`). Other batches pass as they are."""
         if self.trainer is None or not self.trainer.training:
             return batch
-        return self._count(split_steps(self.binarized(batch), self.batch_size))
+        return self._count(steps.split_steps(self.binarized(batch), self.batch_size))
 
     def _count(self, steps: list) -> list:
         """``steps``, counted in :attr:`steps_taken` (which a checkpoint written after them saves)."""

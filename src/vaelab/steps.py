@@ -39,14 +39,18 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def steps_per_call(cfg: DictConfig) -> int:
-    """The batches per call of a run config (``data.steps_per_call``, which the top-level
-    ``steps_per_call`` sets), checked: a positive integer (1 without the key)."""
-    k = OmegaConf.select(cfg, "data.steps_per_call", default=1)
+def checked(k: Any) -> int:
+    """``k`` if it is a valid ``steps_per_call`` (a positive integer), else :class:`ConfigError`."""
     if not _is_count(k) or k < 1:
         raise ConfigError(f"steps_per_call must be a positive integer (optimizer steps per Lightning call, e.g. 8), "
                           f"got {k!r}")
     return k
+
+
+def steps_per_call(cfg: DictConfig) -> int:
+    """The batches per call of a run config (``data.steps_per_call``, which the top-level
+    ``steps_per_call`` sets), checked: a positive integer (1 without the key)."""
+    return checked(OmegaConf.select(cfg, "data.steps_per_call", default=1))
 
 
 def trainer_arguments(cfg: DictConfig) -> dict[str, Any]:
