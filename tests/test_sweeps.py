@@ -12,12 +12,14 @@ from unittest import mock
 
 import optuna
 import pytest
+import sqlalchemy.exc
 import yaml
 from conftest import TINY
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
 from vaelab import train
+from vaelab.optuna_study import open_storage
 
 # No checkpoints, pictures or TensorBoard: each job is a second or two. The NaN check stays.
 FAST = [*TINY, "callbacks=finite_loss", "logger=none"]
@@ -88,6 +90,29 @@ def test_an_optuna_search_stopped_after_two_trials_continues_when_run_again(fake
 
     sweep(tmp_path, fake_root, *search)  # done: no trial more
     assert len(study(tmp_path)) == 5
+
+
+def test_a_launch_that_loses_the_race_to_create_the_database_opens_it_again(tmp_path):
+    """Two launches creating one new SQLite study: the loser's CREATE TABLE fails (optuna#4621)."""
+    url, real = f"sqlite:///{tmp_path}/optuna.db", optuna.storages.get_storage
+    lost = sqlalchemy.exc.OperationalError("CREATE TABLE studies", {}, Exception("table studies already exists"))
+
+    def racing(storage):  # the first call: the other launch makes the tables, this one's CREATE fails
+        made = real(storage)
+        if opened.call_count == 1:
+            raise lost
+        return made
+
+    with mock.patch("optuna.storages.get_storage", side_effect=racing) as opened, mock.patch("time.sleep"):
+        storage = open_storage(url)
+    assert opened.call_count == 2
+    optuna.create_study(study_name="s", storage=storage).optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    assert len(optuna.load_study(study_name="s", storage=url).trials) == 1
+
+    with mock.patch("optuna.storages.get_storage", side_effect=lost) as opened, mock.patch("time.sleep"), \
+            pytest.raises(sqlalchemy.exc.OperationalError):
+        open_storage(url, attempts=3)  # not a race: the error after a few tries
+    assert opened.call_count == 3
 
 
 @pytest.mark.slow

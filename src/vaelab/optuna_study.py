@@ -8,14 +8,30 @@ trials, counted again before every batch, so a rerun continues a stopped search 
 several machines share one study; each trial's job runs in ``<sweep dir>/<trial number>``.
 """
 
+import random
+import time
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
 from optuna.trial import TrialState
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def open_storage(storage: str | optuna.storages.BaseStorage, attempts: int = 5) -> optuna.storages.BaseStorage:
+    """Optuna's storage for ``storage`` (a database URL or a storage). Launches that open a new
+    database at once race to create its tables and all but one fail (optuna/optuna#4621): a loser
+    opens it again, a moment later, and finds the tables made."""
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.get_storage(storage)
+        except sqlalchemy.exc.OperationalError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 + random.random())
 
 
 class StudySweeperImpl(OptunaSweeperImpl):
@@ -24,7 +40,7 @@ class StudySweeperImpl(OptunaSweeperImpl):
             raise ValueError("hydra.sweeper.study_name must name the study, so that a rerun finds it")
         Path(self.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)  # where the SQLite file goes
         self.storage = self.storage or optuna.storages.InMemoryStorage()  # null: one study for every batch
-        storage, total = optuna.storages.get_storage(self.storage), self.n_trials
+        storage, total = open_storage(self.storage), self.n_trials
 
         def finished(states: tuple[TrialState, ...] = FINISHED) -> int:
             """The study's trials in ``states``, read afresh: other launches add theirs."""
