@@ -136,12 +136,13 @@ class LatentScatter(Pictures):
     ) -> None:
         super().__init__(log_spaced_steps=log_spaced_steps, **kwargs)
         self.n_points, self.n_points_early = n_points, n_points_early
+        self.plot = plots.ScatterPlot()
 
     def draw(self, pl_module: LightningModule, early: bool) -> Tensor:
         n = self.n_points_early if early else self.n_points
         points, axis_labels = plots.project_2d(plots.encode_means(pl_module, self.x[:n]))
         title = f"test set, step {pl_module.trainer.global_step}"
-        return plots.scatter_image(points, self.y[:n], axis_labels, title)
+        return self.plot.draw(points, self.y[:n], axis_labels, title)
 
 
 class LatentManifold(Pictures):
