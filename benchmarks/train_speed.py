@@ -30,6 +30,8 @@ up, over its set-up and warm-up epoch.
   ``torch.compile`` with vaelab's options for the device (:func:`vaelab.vae.inductor_options`):
   the best a hand-written loop does here.
 - ``vaelab-compiled``: vaelab with ``compile=true``.
+- ``vaelab-graphs``, ``vaelab-compiled-graphs`` (CUDA only): vaelab with ``cuda_graphs=true``, each
+  call's ``steps_per_call`` steps one CUDA graph; eager kernels, or compiled ones.
 - ``lightning``: vaelab without the configured callbacks (pictures, checkpoints, NaN check,
   progress bar) and without a logger: the same DataModule, VAE and Trainer, so that its gap to
   ``bare`` is Lightning's own loop, and its gap to ``vaelab`` what the callbacks and logs cost.
@@ -92,8 +94,10 @@ from vaelab.objectives import bernoulli_log_likelihood
 from vaelab.train import train
 from vaelab.vae import inductor_options
 
-MODES = ("bare", "bare-compiled", "dataloader", "lightning", "vaelab", "vaelab-compiled")
-VAELAB_MODES = ("lightning", "vaelab", "vaelab-compiled")  # runs of vaelab.train.train
+MODES = ("bare", "bare-compiled", "dataloader", "lightning", "vaelab", "vaelab-compiled", "vaelab-graphs",
+         "vaelab-compiled-graphs")
+# runs of vaelab.train.train
+VAELAB_MODES = ("lightning", "vaelab", "vaelab-compiled", "vaelab-graphs", "vaelab-compiled-graphs")
 # Model variants for --models: Hydra overrides of the default config.
 VARIANTS = {
     "mlp": [],
@@ -355,10 +359,13 @@ def with_compile(cfg: DictConfig, compiled: bool) -> DictConfig:
 
 
 def mode_config(cfg: DictConfig, mode: str) -> DictConfig:
-    """The config of a vaelab mode (a copy): ``compile=true`` for ``vaelab-compiled``; for
-    ``lightning``, none of the configured callbacks (pictures, checkpoints, NaN check, progress
-    bar) and no logger, so that what is left of the gap to ``bare`` is Lightning's own loop."""
-    cfg = with_compile(cfg, mode == "vaelab-compiled")
+    """The config of a vaelab mode (a copy): ``compile=true`` for the ``-compiled`` modes,
+    ``cuda_graphs=true`` for the ``-graphs`` ones; for ``lightning``, none of the configured
+    callbacks (pictures, checkpoints, NaN check, progress bar) and no logger, so that what is left
+    of the gap to ``bare`` is Lightning's own loop."""
+    cfg = with_compile(cfg, "-compiled" in mode)
+    with open_dict(cfg):
+        cfg.cuda_graphs = mode.endswith("-graphs")
     if mode == "lightning":
         with open_dict(cfg):
             cfg.callbacks, cfg.logger = {}, {}

@@ -23,7 +23,8 @@ def run(make_cfg, tmp_path, k, *overrides):
                              output_dir=out))
     state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
     events = EventAccumulator(str(out / "tensorboard")).Reload()
-    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    # sorted: the stages' event files are read in name order, and a process's 10th sorts before its 9th
+    scalars = {tag: sorted((e.step, e.value) for e in events.Scalars(tag)) for tag in events.Tags()["scalars"]}
     return metrics, state, scalars
 
 

@@ -95,7 +95,8 @@ class MADEModel(Optimization):
 
     def training_loss(self, batch: tuple[Tensor, Tensor], log: bool) -> tuple[Tensor, dict[str, Tensor]]:
         x, _ = batch
-        self.made.set_mask(self.global_step % self.made.n_masks)
+        if self.made.n_masks > 1:  # one mask: set once, and nothing for a CUDA graph to copy from the host
+            self.made.set_mask(self.global_step % self.made.n_masks)
         return -self.mask_log_prob(x).mean(), {}
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

@@ -103,13 +103,15 @@ class ELBO:
             raise ConfigError(f"model.objective.free_bits must be >= 0 (nats per dimension), got {free_bits}")
         self.beta, self.kl_warmup_steps, self.free_bits = beta, kl_warmup_steps, free_bits
 
-    def kl_weight(self, step: int) -> float:
-        """The KL weight at optimizer step ``step``."""
+    def kl_weight(self, step: int | Tensor) -> float | Tensor:
+        """The KL weight at optimizer step ``step`` (a tensor inside a CUDA graph: one then too)."""
         if self.kl_warmup_steps == 0:
             return self.beta
+        if isinstance(step, Tensor):  # in double, rounded once: the float's value
+            return (self.beta * (step.double() / self.kl_warmup_steps).clamp(max=1.0)).float()
         return self.beta * min(1.0, step / self.kl_warmup_steps)
 
-    def __call__(self, d: LogDensities, step: int) -> Tensor:
+    def __call__(self, d: LogDensities, step: int | Tensor) -> Tensor:
         rec = -d.log_px_z.mean()
         if d.kl is None:  # free bits with such a model is refused when the model is built
             return rec + self.kl_weight(step) * kl_per_image(d).mean()

@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from vaelab import graphs
 from vaelab.config import ConfigError
 
 # Trainer settings given in training batches, which Lightning counts in calls of K batches.
@@ -60,6 +61,7 @@ def trainer_arguments(cfg: DictConfig) -> dict[str, Any]:
     the module clips and logs with the Trainer's settings (:func:`module_settings`). Raises
     :class:`ConfigError` for a setting that ``K`` does not divide or that cannot be honoured."""
     k = steps_per_call(cfg)
+    graphs.check(cfg)
     arguments: dict[str, Any] = {"gradient_clip_val": None, "gradient_clip_algorithm": None}
     # Lightning flushes its loggers (and warns of short epochs) by its count of calls
     n = OmegaConf.select(cfg, "trainer.log_every_n_steps", default=50)
@@ -88,7 +90,8 @@ def trainer_arguments(cfg: DictConfig) -> dict[str, Any]:
 
 def module_settings(cfg: DictConfig) -> dict[str, Any]:
     """The Trainer's settings that :class:`vaelab.optim.Optimization` applies itself, by attribute:
-    the gradient clipping, and ``log_every_n_steps`` in optimizer steps."""
+    the gradient clipping, ``log_every_n_steps`` in optimizer steps, and ``cuda_graphs`` (checked)."""
     return {"gradient_clip_val": OmegaConf.select(cfg, "trainer.gradient_clip_val", default=None),
             "gradient_clip_algorithm": OmegaConf.select(cfg, "trainer.gradient_clip_algorithm", default=None),
-            "log_every_n_steps": OmegaConf.select(cfg, "trainer.log_every_n_steps", default=50)}
+            "log_every_n_steps": OmegaConf.select(cfg, "trainer.log_every_n_steps", default=50),
+            "cuda_graphs": graphs.check(cfg)}

@@ -132,12 +132,15 @@ class VAE(Optimization):
         unchanged). One static graph per batch shape, ``n`` and mode (training, evaluation), so a
         run compiles a handful (training batch, the last partial one, evaluation batch) in its
         first epoch and none after; ``encode``/``decode`` (pictures) stay eager. On a GPU with CUDA
-        graphs. ``fallback_random``: the noise is torch's own, so a compiled run draws what an
-        eager run draws."""
+        graphs of each forward pass, unless ``cuda_graphs`` captures whole calls. ``fallback_random``:
+        the noise is torch's own, so a compiled run draws what an eager run draws."""
         # The limit counts graphs of VAE.forward over every model of the process (8 by default): a
         # sweep run in one process (Hydra's basic launcher) would fall back to eager by its third job.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.compile(dynamic=False, options={**inductor_options(torch.device(device)), "fallback_random": True})
+        options = {**inductor_options(torch.device(device)), "fallback_random": True}
+        if self.cuda_graphs:  # the call's graph holds the compiled kernels (vaelab.graphs): none of their own
+            options["triton.cudagraphs"] = False
+        self.compile(dynamic=False, options=options)
         self.compiled = True
 
     def posterior_of(self, x: Tensor) -> PosteriorBatch:
@@ -256,10 +259,10 @@ class VAE(Optimization):
     def training_loss(self, batch: tuple[Tensor, Tensor], log: bool) -> tuple[Tensor, dict[str, Tensor | float]]:
         x, _ = batch
         d = self(x, self.objective.n_samples, getattr(self.objective, "estimator", "plain") == "dreg")
-        loss = self.objective(d, self.global_step)
+        loss = self.objective(d, self.schedule_step)
         metrics: dict[str, Tensor | float] = {**self._elbo_metrics(d, "train")} if log else {}
         if log and isinstance(self.objective, ELBO):  # the warm-up schedule, as it was applied
-            metrics["train/kl_weight"] = self.objective.kl_weight(self.global_step)
+            metrics["train/kl_weight"] = self.objective.kl_weight(self.schedule_step)
         return loss, metrics
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

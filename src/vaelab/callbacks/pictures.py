@@ -62,9 +62,13 @@ class Pictures(Callback):
         """``log_spaced_steps``: the weights after 1, 2, 4, ... optimizer steps of the first epoch,
         drawn before the next step's update (a hook of every optimizer step, also inside a call of
         several: ``steps_per_call``)."""
-        step = trainer.global_step
-        if self.log_spaced_steps and trainer.current_epoch == 0 and step > 0 and step & (step - 1) == 0:
+        if self.draws_at(trainer, trainer.global_step):
             self.snapshot(trainer, pl_module, early=True)
+
+    def draws_at(self, trainer: Trainer, step: int) -> bool:
+        """Whether a picture is drawn before the optimizer step that follows ``step`` steps (a CUDA
+        graph leaves the calls holding such a step to the eager loop: :mod:`vaelab.graphs`)."""
+        return self.log_spaced_steps and trainer.current_epoch == 0 and step > 0 and step & (step - 1) == 0
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.snapshot(trainer, pl_module, early=False)
