@@ -88,7 +88,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
 import vaelab
-from vaelab.config import PRECISIONS
+from vaelab.config import PRECISIONS, ConfigError
 from vaelab.likelihood import default_chunk_size, iw_estimates
 from vaelab.objectives import bernoulli_log_likelihood
 from vaelab.train import train
@@ -500,6 +500,11 @@ def model_rows(cfg_for: Callable[[list[str]], DictConfig], names: list[str], epo
         for compiled in (False, True):
             if compiled and "compile" not in cfg.model:
                 print(f"{name}: no compile option, eager only")
+                continue
+            try:
+                instantiate(with_compile(cfg, compiled).model)
+            except ConfigError as err:  # a combination the model refuses (DReG's hook under compile)
+                print(f"{name}{' compiled' if compiled else ''}: skipped ({err})")
                 continue
             for k in steps_per_call:
                 key = f"{name}{'-compiled' if compiled else ''} k={k}"

@@ -9,7 +9,14 @@ from torch.distributions import Normal
 from vaelab.hierarchy import StochasticLayer
 from vaelab.likelihood import iw_estimates
 from vaelab.nets.mlp import MLPDecoder, MLPEncoder
-from vaelab.objectives import IWAE, bernoulli_log_likelihood, elbo_terms, iw_log_likelihood, log_importance_weights
+from vaelab.objectives import (
+    ELBO,
+    IWAE,
+    bernoulli_log_likelihood,
+    elbo_terms,
+    iw_log_likelihood,
+    log_importance_weights,
+)
 from vaelab.vae import VAE
 
 SHAPE = (1, 1, 3)  # three pixels
@@ -33,14 +40,15 @@ def test_hierarchy_log_densities_are_each_layers_terms():
     z1 = mean1 + (0.5 * log_var1).exp() * torch.randn(4, *mean1.shape, dtype=torch.float64)
     mean2, log_var2 = vae.layers[0].up.net(z1).chunk(2, -1)
     z2 = mean2 + (0.5 * log_var2).exp() * torch.randn(1, *mean2.shape, dtype=torch.float64)[0]
-    log_q = (Normal(mean1, (0.5 * log_var1).exp()).log_prob(z1).sum(-1)
-             + Normal(mean2, (0.5 * log_var2).exp()).log_prob(z2).sum(-1))
+    log_q1 = Normal(mean1, (0.5 * log_var1).exp()).log_prob(z1)
+    log_q2 = Normal(mean2, (0.5 * log_var2).exp()).log_prob(z2)
     down_mean, down_log_var = vae.layers[0].down.net(z2).chunk(2, -1)
-    log_p = Normal(0.0, 1.0).log_prob(z2).sum(-1) + Normal(down_mean, (0.5 * down_log_var).exp()).log_prob(z1).sum(-1)
-    torch.testing.assert_close(d.log_qz, log_q)
-    torch.testing.assert_close(d.log_pz, log_p)
+    log_p1, log_p2 = Normal(down_mean, (0.5 * down_log_var).exp()).log_prob(z1), Normal(0.0, 1.0).log_prob(z2)
+    torch.testing.assert_close(d.log_qz, log_q1.sum(-1) + log_q2.sum(-1))
+    torch.testing.assert_close(d.log_pz, log_p2.sum(-1) + log_p1.sum(-1))
     torch.testing.assert_close(d.log_px_z, bernoulli_log_likelihood(vae.decoder(z1), x))
-    assert d.kl is None
+    # per dimension, z_1's (given z_2) then z_2's, averaged over the samples: [B, 3 + 2]
+    torch.testing.assert_close(d.kl, torch.cat([(log_q1 - log_p1).mean(0), (log_q2 - log_p2).mean(0)], dim=-1))
 
 
 def quadrature_log_px(vae: VAE, x: torch.Tensor, points: int = 1201, bound: float = 9.0) -> torch.Tensor:
@@ -75,6 +83,19 @@ def test_hierarchical_elbo_at_one_sample_is_the_iw_estimate_at_one_sample():
     rec, kl = elbo_terms(d)
     log_w = log_importance_weights(d.log_px_z, d.log_pz, d.log_qz)
     torch.testing.assert_close(-(rec + kl), iw_log_likelihood(log_w))
+
+
+def test_free_bits_on_a_hierarchy_clamp_each_layers_dimensions():
+    """Each dimension of each layer pays at least ``free_bits`` nats (its batch-mean KL term given
+    the layer above): the loss by hand from the per-dimension terms."""
+    vae = tiny(first=3, top=2, seed=5, objective=ELBO(free_bits=0.2))
+    x = torch.rand(6, *SHAPE, dtype=torch.float64).round()
+    torch.manual_seed(7)
+    d = vae(x)
+    assert d.kl.shape == (6, 5)
+    expected = -d.log_px_z.mean() + d.kl.mean(0).clamp(min=0.2).sum()
+    torch.testing.assert_close(vae.objective(d, step=0), expected)
+    assert (d.kl.mean(0) < 0.2).any() and (d.kl.mean(0) > 0.2).any()  # the clamp acts on some, not all
 
 
 def gradients(vae: VAE, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

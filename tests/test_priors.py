@@ -161,6 +161,7 @@ def test_normal_prior_gives_the_closed_form_kl_and_the_monte_carlo_one_agrees():
     lambda: tiny_vae(prior=MixturePrior(2), objective=ELBO(free_bits=0.5)),
     lambda: tiny_vae(context_dim=4, posterior=IAFPosterior(2, n_flows=1, hidden_dims=[8], context_dim=4),
                      objective=IWAE(k=2, estimator="dreg")),
+    lambda: tiny_vae(objective=IWAE(k=2, estimator="dreg"), compile=True),  # the hook would miss the samples
 ])
 def test_combinations_without_defined_maths_are_refused(make):
     with pytest.raises(ConfigError):

@@ -42,7 +42,8 @@ class LogDensities(NamedTuple):
     log_pz: Tensor  # [n, B]       log p(z), every layer's prior terms
     log_qz: Tensor  # [n, B]       log q(z|x), every layer's
     # [B, D] KL(q || p) per dimension: closed form where there is one, else the Monte Carlo estimate
-    # over the n samples; None where it is not defined (a prior that does not factorise, a hierarchy)
+    # over the n samples (a hierarchy: every layer's dimensions, bottom first, each given the layer
+    # above, so they sum to mean_n log q - log p); None where the prior does not factorise
     kl: Tensor | None
     # DReG (estimator=dreg): the samples of each layer as the log-densities used them, else ()
     latents: tuple[Tensor, ...] = ()

@@ -112,10 +112,13 @@ class VAE(Optimization):
         if hasattr(self.prior, "pseudo_inputs") and not gaussian:
             raise ConfigError("prior=vamp needs a Gaussian posterior, whose density it evaluates at z: use "
                               "posterior=gaussian (an IAF's density at an arbitrary z means inverting the flow)")
-        if getattr(self.objective, "free_bits", 0) > 0 and (self.layers or not self.prior.factorises):
-            raise ConfigError("free bits clamps the KL of each latent dimension, defined only for one latent layer "
-                              "and a prior that factorises over dimensions: use prior=normal without layers, or "
-                              "model.objective.free_bits=0")
+        if getattr(self.objective, "free_bits", 0) > 0 and not self.prior.factorises:
+            raise ConfigError("free bits clamps the KL of each latent dimension, defined only for a prior that "
+                              "factorises over dimensions: use prior=normal, or model.objective.free_bits=0")
+        if getattr(self.objective, "estimator", "plain") == "dreg" and self.hparams.get("compile"):
+            raise ConfigError("model.objective.estimator=dreg reweights the gradient at the samples with a hook, "
+                              "and compile=true keeps the samples inside the compiled graph, out of its reach: "
+                              "use compile=false, or estimator=plain")
         if getattr(self.objective, "estimator", "plain") == "dreg" and not gaussian:
             raise ConfigError("model.objective.estimator=dreg scores log q(z|x) at z with the encoder's weights held "
                               "fixed, which an IAF gives only by inverting its flow: use posterior=gaussian, or "
@@ -223,25 +226,28 @@ class VAE(Optimization):
         if detach_posterior:
             z = z.clone()  # the uses of z below: DReG's hooks act on these, not on the sampling path
             log_q_dims = q.detached().log_prob_dims(z)
-        latents, log_qz = [z], log_q_dims.sum(-1)
+        latents, log_q = [z], [log_q_dims]  # per layer: the samples and log q per dimension, [n, B, D_l]
         for layer in self.layers:  # q(z_{l+1} | z_l): one draw per sample of the layer below
-            above, log_q_above = layer.up(latents[-1]).rsample(1)
-            above = above[0]
+            above, log_q_above = (t[0] for t in layer.up(latents[-1]).rsample(1))
             if detach_posterior:
                 above = above.clone()
                 log_q_above = layer.up.detached(latents[-1]).log_prob_dims(above)
-            log_qz = log_qz + log_q_above.sum(-1).reshape(log_qz.shape)
             latents.append(above)
+            log_q.append(log_q_above)
         p = self.prior_distribution()
-        log_pz = p.log_prob(latents[-1])
-        for layer, below, above in zip(self.layers, latents[:-1], latents[1:], strict=True):
-            log_pz = log_pz + layer.down(above).log_prob_dims(below).sum(-1)
+        # log p per dimension of each layer below the top: p(z_l | z_{l+1})
+        log_p = [layer.down(above).log_prob_dims(below)
+                 for layer, below, above in zip(self.layers, latents[:-1], latents[1:], strict=True)]
+        log_qz, log_pz = log_q_dims.sum(-1), p.log_prob(latents[-1])
+        for log_q_above, log_p_below in zip(log_q[1:], log_p, strict=True):
+            log_qz, log_pz = log_qz + log_q_above.sum(-1), log_pz + log_p_below.sum(-1)
         log_px_z = self.likelihood.log_prob(self.decoder(latents[0]).to(x.dtype), x)
         kl = None
-        if not self.layers and self.prior.factorises:
-            kl = p.kl(q)
-            if kl is None:
-                kl = (log_q_dims - p.log_prob_dims(z)).mean(0)
+        if self.prior.factorises:
+            kl = None if self.layers else p.kl(q)
+            if kl is None:  # Monte Carlo, each layer's dimensions given the layer above: sums to mean_n log q - log p
+                log_p = [*log_p, p.log_prob_dims(latents[-1])]
+                kl = torch.cat([(lq - lp).mean(0) for lq, lp in zip(log_q, log_p, strict=True)], dim=-1)
         return LogDensities(log_px_z, log_pz, log_qz, kl, tuple(latents) if detach_posterior else ())
 
     def log_densities(self, x: Tensor, n_samples: int) -> tuple[Tensor, Tensor, Tensor]:
