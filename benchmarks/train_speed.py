@@ -80,7 +80,6 @@ import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from torch import Tensor
 from torch.distributions import Normal
@@ -88,7 +87,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
 import vaelab
-from vaelab.config import PRECISIONS, ConfigError
+from vaelab.config import PRECISIONS, ConfigError, instantiate
 from vaelab.likelihood import default_chunk_size, iw_estimates
 from vaelab.objectives import bernoulli_log_likelihood
 from vaelab.train import train
