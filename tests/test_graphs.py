@@ -76,7 +76,7 @@ CALLS, M2_CALLS = (1, 1, 3), (1, 1, 1)
     ([*VAE, "objective=iwae", "model.objective.k=3", "model.objective.estimator=dreg", "prior=vamp",
       "model.prior.components=3"], CALLS),
     ([*VAE, "trainer.precision=bf16-mixed"], CALLS),
-    (["model=made"], CALLS),  # their own callbacks, none inside a step
+    (["model=made", "model.hidden_dims=[32]"], CALLS),  # their own callbacks, none inside a step
     ([*M2, "data.binarize=static"], M2_CALLS),
 ], ids=["elbo-warmup-clip", "iwae-dreg-vamp", "bf16", "made", "m2"])
 def test_graphed_calls_give_the_numbers_of_eager_ones(make_cfg, tmp_path, graphed, overrides, calls):

@@ -47,7 +47,7 @@ def assert_same_training(one, several):
     ["model.objective.kl_warmup_steps=10"],  # a schedule read at every optimizer step
     ["objective=iwae", "model.objective.k=3", "model.objective.estimator=dreg",
      "prior=mog", "model.prior.components=3"],
-    ["model=made", "model.n_masks=2"],  # the mask cycles with the optimizer step
+    ["model=made", "model.n_masks=2", "model.hidden_dims=[32]"],  # the mask cycles with the optimizer step
     [*M2, "data.binarize=static"],
     ["trainer.precision=bf16-mixed"],
 ], ids=["elbo-warmup", "iwae-dreg-mog", "made", "m2", "bf16"])
