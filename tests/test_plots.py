@@ -100,6 +100,23 @@ def test_latent_scatter_is_a_coloured_figure(latent_dim):
     assert coloured.float().mean() > 0.01
 
 
+def test_a_scatter_drawn_again_is_the_scatter_drawn_afresh():
+    """ScatterPlot keeps one figure across draws: a redraw with other points, another count and
+    other labels gives the picture of a new figure (axes rescaled, nothing left of the first)."""
+    g = torch.Generator().manual_seed(0)
+    first, second = torch.randn(1000, 2, generator=g), 40 * torch.randn(300, 2, generator=g) + 100
+    labels = torch.randint(0, 10, (1000,), generator=g)
+    plot = plots.ScatterPlot()
+    plot.draw(first, labels, ("a", "b"), "first")
+    again = plot.draw(second, labels[:300], ("PC 1", "PC 2"), "second")
+    afresh = plots.ScatterPlot().draw(second, labels[:300], ("PC 1", "PC 2"), "second")
+    fresh_axes = plots.ScatterPlot()
+    fresh_axes.draw(second, labels[:300], ("PC 1", "PC 2"), "second")
+    assert plot.ax.get_xlim() == fresh_axes.ax.get_xlim() and plot.ax.get_ylim() == fresh_axes.ax.get_ylim()
+    assert again.shape == afresh.shape
+    assert (again - afresh).abs().gt(0.1).float().mean() < 0.01  # the same picture, to a few anti-aliased pixels
+
+
 def test_reconstructions_layout():
     model, x = tiny_vae(3), torch.rand(5, 1, 28, 28)
     grid = plots.reconstructions(model, x)

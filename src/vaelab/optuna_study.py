@@ -28,7 +28,7 @@ def open_storage(storage: str | optuna.storages.BaseStorage, attempts: int = 5) 
     for attempt in range(attempts):
         try:
             return optuna.storages.get_storage(storage)
-        except sqlalchemy.exc.OperationalError:
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):  # a table, or its version row
             if attempt == attempts - 1:
                 raise
             time.sleep(0.2 + random.random())
