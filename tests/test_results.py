@@ -34,7 +34,6 @@ AS_GROUPS = {
     "mlp_200": ["model=mlp_200"],
     "iwae5_200": ["model=mlp_200", "objective=iwae", "model.objective.k=5"],
     "hvae": ["model=mlp_2layer"],
-    "hvae_warmup": ["model=mlp_2layer", "model.objective.kl_warmup_steps=3910"],
     "hiwae5": ["model=mlp_2layer", "objective=iwae", "model.objective.k=5"],
     "hvae_vamp": ["model=mlp_2layer", "prior=vamp"],
 }

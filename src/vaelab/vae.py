@@ -48,6 +48,22 @@ def inductor_options(device: torch.device) -> dict:
     return {"cpp.simdlen": 256} if torch.backends.cpu.get_cpu_capability() == "AVX512" else {}
 
 
+WEIGHT_INITS = ("default", "glorot")
+
+
+def init_weights(module: nn.Module, scheme: str) -> None:
+    """``glorot``: the weights of every linear and convolutional layer in ``module`` uniform on
+    ``+-sqrt(6 / (fan_in + fan_out))``, their biases zero; ``default``: left as torch made them."""
+    if scheme not in WEIGHT_INITS:
+        raise ConfigError(f"model.weight_init must be one of {', '.join(WEIGHT_INITS)}, got {scheme!r}")
+    if scheme == "glorot":
+        for layer in module.modules():
+            if isinstance(layer, nn.Linear | nn.modules.conv._ConvNd):
+                nn.init.xavier_uniform_(layer.weight)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+
+
 class VAE(Optimization):
     """A VAE with pluggable networks, posterior, prior and objective.
 
@@ -73,6 +89,13 @@ class VAE(Optimization):
             logged by the test stage; 0 skips it.
         compile: compile :meth:`forward` (networks, posterior and log-densities) with
             ``torch.compile``, in place, when a Trainer sets the model up (:meth:`configure_model`).
+        weight_init: ``default`` (torch's) or ``glorot``: every linear and convolutional layer of
+            the networks uniform as in Glorot & Bengio (2010), biases zero (Burda et al.'s IWAE
+            code, for its tanh networks).
+        output_bias_from_data: when training starts, the decoder's output bias becomes the
+            likelihood's parameters for the training images' mean (logits of the pixel means for
+            a Bernoulli), so that the first steps need not learn the mean image before the latents
+            carry anything (Burda et al.'s IWAE code; :meth:`on_fit_start`).
     """
 
     def __init__(
@@ -89,6 +112,8 @@ class VAE(Optimization):
         compile: bool = False,
         prior: nn.Module | None = None,
         layers: Sequence[StochasticLayer] = (),
+        weight_init: str = "default",
+        output_bias_from_data: bool = False,
     ) -> None:
         super().__init__()
         modules = ["encoder", "decoder", "optimizer", "posterior", "objective", "likelihood", "prior", "layers"]
@@ -100,6 +125,8 @@ class VAE(Optimization):
         self.prior = prior if prior is not None else NormalPrior(latent_dim)
         self.layers = nn.ModuleList(layers)
         self.latent_dim, self.l2, self.iw_samples_test = latent_dim, l2, iw_samples_test
+        self.output_bias_from_data = output_bias_from_data
+        init_weights(self, weight_init)
         self.compiled = False
         self._fixed_prior = None
         first_dim = getattr(encoder, "sizes", (latent_dim,))[0]
@@ -109,6 +136,14 @@ class VAE(Optimization):
     def _check_combination(self) -> None:
         """Refuse, in one line each, the combinations whose maths is not defined here."""
         gaussian = isinstance(self.posterior, GaussianPosterior)
+        if not isinstance(self.output_bias_from_data, bool):
+            raise ConfigError(f"model.output_bias_from_data must be true or false, got {self.output_bias_from_data!r}")
+        if self.output_bias_from_data and not hasattr(self.likelihood, "params_for_mean"):
+            raise ConfigError(f"model.output_bias_from_data is defined for likelihood=bernoulli, not "
+                              f"{type(self.likelihood).__name__}: use likelihood=bernoulli, or output_bias_from_data=false")
+        if self.output_bias_from_data and not hasattr(self.decoder, "set_output_bias"):
+            raise ConfigError(f"model.output_bias_from_data needs a decoder with one output bias per pixel (model=mlp and "
+                              f"its variants), not {type(self.decoder).__name__}: set output_bias_from_data=false")
         if hasattr(self.prior, "pseudo_inputs") and not gaussian:
             raise ConfigError("prior=vamp needs a Gaussian posterior, whose density it evaluates at z: use "
                               "posterior=gaussian (an IAF's density at an arbitrary z means inverting the flow)")
@@ -257,10 +292,18 @@ class VAE(Optimization):
         return d.log_px_z, d.log_pz, d.log_qz
 
     def on_fit_start(self) -> None:
-        """``prior.init=data`` (VampPrior): pseudo-inputs from the training images, at step 0 only."""
+        """At step 0 only (a resumed run keeps its weights), from the training images:
+        ``prior.init=data`` (VampPrior) draws the pseudo-inputs, ``output_bias_from_data`` sets the
+        decoder's output bias to the likelihood's parameters for their mean image."""
         datamodule = getattr(self.trainer, "datamodule", None)
-        if hasattr(self.prior, "initialise_from") and self.trainer.global_step == 0 and datamodule is not None:
-            self.prior.initialise_from(datamodule.splits["train"][0])
+        if self.trainer.global_step > 0 or datamodule is None:
+            return
+        images = datamodule.splits["train"][0]
+        if hasattr(self.prior, "initialise_from"):
+            self.prior.initialise_from(images)
+        if self.output_bias_from_data:
+            mean_image = images.to(self.device, torch.float32).mean(0)
+            self.decoder.set_output_bias(self.likelihood.params_for_mean(mean_image))
 
     def training_loss(self, batch: tuple[Tensor, Tensor], log: bool) -> tuple[Tensor, dict[str, Tensor | float]]:
         x, _ = batch

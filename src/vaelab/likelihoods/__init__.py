@@ -10,7 +10,9 @@ A likelihood is a small object (no weights) with:
 - ``nll(data)``: what its ``-log p(x)`` is on data of this kind (see :data:`DATA_KINDS`):
   ``"discrete"`` (a probability of the values as stored), ``"continuous"`` (a density on
   ``[0, 1]^D``, not comparable with discrete numbers), or None (not normalised: no NLL reported);
-  a :class:`vaelab.config.ConfigError` where it cannot model such data at all.
+  a :class:`vaelab.config.ConfigError` where it cannot model such data at all;
+- optionally ``params_for_mean(mean) -> [P * C, H, W]``: the parameters whose mean image is ``mean
+  [C, H, W]``, for a decoder's output bias started at the data (``model.output_bias_from_data``).
 
 Data convention, for every likelihood: images reach the model as floats in [0, 1]. 8-bit data
 keep their levels exactly: level ``k`` in 0..255 (as stored in the files) is ``x = k / 255``, and

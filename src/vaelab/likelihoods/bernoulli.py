@@ -28,3 +28,9 @@ class Bernoulli:
 
     def nll(self, data: str) -> str | None:
         return "discrete" if data == "binary" else None
+
+    def params_for_mean(self, mean: Tensor) -> Tensor:
+        """The logits whose mean is ``mean [C, H, W]``, clipped to [0.001, 0.999] as Burda et al.'s
+        code does for its output bias: ``log(m / (1 - m))``, ``[C, H, W]``."""
+        m = mean.clamp(1e-3, 1 - 1e-3)
+        return torch.log(m) - torch.log1p(-m)

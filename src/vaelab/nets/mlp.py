@@ -10,6 +10,7 @@ numbers per channel and pixel, as ``[..., params_per_channel * C, H, W]`` (:mod:
 from collections.abc import Sequence
 from math import prod
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -123,5 +124,10 @@ class MLPDecoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return self.net(z).unflatten(-1, self.out_shape)
+
+    @torch.no_grad()
+    def set_output_bias(self, bias: Tensor) -> None:
+        """The last layer's bias becomes ``bias [P * C, H, W]``: the output where the hidden units are silent."""
+        self.net[-1].bias.copy_(bias.reshape(-1))
 
 
