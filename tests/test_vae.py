@@ -101,3 +101,80 @@ def test_kl_warmup_follows_the_global_step_across_a_resume(tmp_path):
     assert sorted(first) == list(range(6)) and sorted(second) == list(range(6, 14))
     expected = {step: 0.5 * min(1.0, step / 10) for step in range(14)}
     assert {**first, **second} == pytest.approx(expected)
+
+
+def test_bernoulli_params_for_mean_are_the_clipped_logits():
+    from vaelab.likelihoods.bernoulli import Bernoulli
+
+    mean = torch.tensor([[[0.0, 0.0005, 0.25, 0.5, 0.9, 1.0]]])
+    expected = torch.special.logit(mean, eps=1e-3)  # Burda et al.'s clip to [0.001, 0.999]
+    torch.testing.assert_close(Bernoulli().params_for_mean(mean), expected)
+
+
+def test_glorot_init_is_uniform_within_the_bound_with_zero_biases():
+    torch.manual_seed(0)
+    vae = make_vae(latent_dim=50, weight_init="glorot")
+    linears = [m for m in vae.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 4
+    for layer in linears:
+        fan_out, fan_in = layer.weight.shape
+        bound = (6 / (fan_in + fan_out)) ** 0.5
+        assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.95 * bound
+        assert layer.weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.05)  # uniform's std
+        assert not layer.bias.any()
+
+
+def test_default_init_is_torchs_bit_for_bit():
+    torch.manual_seed(0)
+    default = make_vae(weight_init="default").state_dict()
+    torch.manual_seed(0)
+    assert all(torch.equal(v, default[k]) for k, v in make_vae().state_dict().items())
+
+
+class RecordOutputBias(pl.Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.bias = pl_module.decoder.net[-1].bias.detach().clone()
+        self.pseudo_inputs = getattr(pl_module.prior, "pseudo_inputs", torch.empty(0)).detach().clone()
+        self.train_images = trainer.datamodule.splits["train"][0]
+
+
+@pytest.mark.parametrize("from_data", [True, False])
+def test_output_bias_starts_at_the_logits_of_the_training_images_mean(make_cfg, from_data):
+    from vaelab.train import train
+
+    recorder = RecordOutputBias()
+    cfg = make_cfg(f"model.output_bias_from_data={str(from_data).lower()}", "callbacks=none", "logger=none")
+    train(cfg, extra_callbacks=[recorder])
+    mean = recorder.train_images.mean(0).flatten().clamp(1e-3, 1 - 1e-3)
+    logits = torch.log(mean / (1 - mean))
+    assert torch.allclose(recorder.bias, logits, atol=1e-5) == from_data
+
+
+def test_a_resumed_run_keeps_its_trained_output_bias_and_pseudo_inputs(make_cfg, tmp_path):
+    """Lightning restores the weights before ``on_fit_start`` and the step count after it: the
+    data-set initialisations must not overwrite what a checkpoint brought back."""
+    from vaelab.train import train
+
+    settings = ["model.output_bias_from_data=true", "prior=vamp", "model.prior.init=data", "model.prior.components=4",
+                "callbacks=model_checkpoint", "logger=none"]
+    train(make_cfg(*settings))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=False)["state_dict"]
+    recorder = RecordOutputBias()
+    train(make_cfg(*settings, "max_epochs=2", f"ckpt_path={last}"), extra_callbacks=[recorder])
+    assert torch.equal(recorder.bias, saved["decoder.net.2.bias"])
+    assert torch.equal(recorder.pseudo_inputs, saved["prior.pseudo_inputs"])
+
+
+def test_output_bias_from_data_refuses_what_it_cannot_set():
+    from vaelab.config import ConfigError
+    from vaelab.likelihoods.logistic import DiscretizedLogistic
+    from vaelab.nets.conv import ConvDecoder, ConvEncoder
+
+    with pytest.raises(ConfigError, match="likelihood=bernoulli"):
+        make_vae(likelihood=DiscretizedLogistic(), output_bias_from_data=True)
+    with pytest.raises(ConfigError, match="one output bias per pixel"):  # a convolution's bias is per channel
+        VAE(ConvEncoder(3, image_shape=MNIST), ConvDecoder(3, image_shape=MNIST), torch.optim.Adam, 3,
+            output_bias_from_data=True)
+    with pytest.raises(ConfigError, match="model.weight_init must be one of default, glorot"):
+        make_vae(weight_init="xavier")

@@ -292,11 +292,12 @@ class VAE(Optimization):
         return d.log_px_z, d.log_pz, d.log_qz
 
     def on_fit_start(self) -> None:
-        """At step 0 only (a resumed run keeps its weights), from the training images:
-        ``prior.init=data`` (VampPrior) draws the pseudo-inputs, ``output_bias_from_data`` sets the
-        decoder's output bias to the likelihood's parameters for their mean image."""
+        """When a fit starts from scratch (a resumed one keeps its weights), from the training
+        images: ``prior.init=data`` (VampPrior) draws the pseudo-inputs, ``output_bias_from_data``
+        sets the decoder's output bias to the likelihood's parameters for their mean image."""
         datamodule = getattr(self.trainer, "datamodule", None)
-        if self.trainer.global_step > 0 or datamodule is None:
+        # Lightning restores the weights before this hook and the step count after it: ask for the checkpoint
+        if self.trainer.ckpt_path is not None or self.trainer.global_step > 0 or datamodule is None:
             return
         images = datamodule.splits["train"][0]
         if hasattr(self.prior, "initialise_from"):
