@@ -140,10 +140,12 @@ class VAE(Optimization):
             raise ConfigError(f"model.output_bias_from_data must be true or false, got {self.output_bias_from_data!r}")
         if self.output_bias_from_data and not hasattr(self.likelihood, "params_for_mean"):
             raise ConfigError(f"model.output_bias_from_data is defined for likelihood=bernoulli, not "
-                              f"{type(self.likelihood).__name__}: use likelihood=bernoulli, or output_bias_from_data=false")
+                              f"{type(self.likelihood).__name__}: use likelihood=bernoulli, "
+                              f"or output_bias_from_data=false")
         if self.output_bias_from_data and not hasattr(self.decoder, "set_output_bias"):
-            raise ConfigError(f"model.output_bias_from_data needs a decoder with one output bias per pixel (model=mlp and "
-                              f"its variants), not {type(self.decoder).__name__}: set output_bias_from_data=false")
+            raise ConfigError(f"model.output_bias_from_data needs a decoder with one output bias per pixel "
+                              f"(model=mlp and its variants), not {type(self.decoder).__name__}: "
+                              f"set output_bias_from_data=false")
         if hasattr(self.prior, "pseudo_inputs") and not gaussian:
             raise ConfigError("prior=vamp needs a Gaussian posterior, whose density it evaluates at z: use "
                               "posterior=gaussian (an IAF's density at an arbitrary z means inverting the flow)")
