@@ -258,3 +258,23 @@ def test_flush_denormal_makes_denormals_zero_while_training(make_cfg, flush):
     finally:
         torch.set_flush_denormal(False)
     assert recorder.product == (0.0 if flush else pytest.approx(2e-39, rel=1e-3))
+
+
+def test_a_cpu_run_does_not_look_for_nvml_at_every_optimizer_step(make_cfg, monkeypatch):
+    """Lightning's import asks torch for NVML-based CUDA checks, which torch's optimizers make at
+    every step; a CPU run goes back to the runtime's check, which does not load NVML."""
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # as `import pytorch_lightning` leaves it
+    calls = []
+    real = torch.cuda._raw_device_count_nvml
+    monkeypatch.setattr(torch.cuda, "_raw_device_count_nvml", lambda: calls.append(1) or real())
+
+    class CountSteps(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            calls.clear()
+
+        def on_train_end(self, trainer, pl_module):
+            self.calls, self.steps = len(calls), trainer.global_step
+
+    counter = CountSteps()
+    train(make_cfg("callbacks=none", "logger=none"), extra_callbacks=[counter])
+    assert counter.steps > 0 and counter.calls == 0
