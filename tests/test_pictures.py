@@ -3,7 +3,7 @@
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import N_TEST, TINY
+from conftest import N_TEST, TINY, VAL_SIZE
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
@@ -89,7 +89,8 @@ def test_pictures_shape_and_range(trained):
         assert image.shape == (3, *SIZES[name]) and image.dtype == torch.float32, name
         assert image.min() >= 0 and image.max() <= 1 and image.std() > 0, name
     assert model.training  # the callbacks restore train mode
-    assert callbacks["latent_scatter"].x.shape[0] == N_TEST
+    assert callbacks["latent_scatter"].x.shape[0] == VAL_SIZE  # the scatter shows the validation images
+    assert callbacks["interpolations"].x.shape[0] == N_TEST  # the others the test images
 
 
 def test_pictures_leave_training_unchanged(trained, fake_root, tmp_path):
@@ -105,3 +106,49 @@ def test_bad_settings_are_config_errors(make_cfg, tmp_path):
         pictures.LatentManifold(spacing="log")
     with pytest.raises(ConfigError, match="dims"):
         fit(make_cfg("~callbacks.model_checkpoint", "callbacks.manifold.dims=[0,3]"))
+
+
+class CheckValidationPoints(pl.Callback):
+    """At the end of each validation pass: the points the scatter kept are the encoder's."""
+
+    def __init__(self) -> None:
+        self.checked = 0
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        scatter = next(cb for cb in trainer.callbacks if isinstance(cb, pictures.LatentScatter))
+        if not trainer.sanity_checking:
+            kept = torch.cat(scatter.validated)
+            torch.testing.assert_close(kept, plots_encode(pl_module, scatter.x), rtol=1e-5, atol=1e-5)
+            self.checked += 1
+
+
+def plots_encode(model, x):
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model.encode(batch).point() for batch in x.split(7)])  # other batches than validation's
+    finally:
+        model.train(was_training)
+
+
+@pytest.mark.parametrize("every_n_epochs", [1, 2])
+def test_the_epoch_end_scatter_takes_the_validation_pass_points(fake_root, tmp_path, monkeypatch, every_n_epochs):
+    """Encoded once per epoch: at an epoch's end the scatter draws what validation computed, and
+    encodes the images itself only where no validation ran (``check_val_every_n_epoch``)."""
+    from vaelab import plots
+
+    encoded = []
+    real = plots.encode_means
+    monkeypatch.setattr(plots, "encode_means", lambda model, x, **kw: encoded.append(len(x)) or real(model, x, **kw))
+    others = [f"~callbacks.{name}" for name in PICTURES if name != "latent_scatter"]
+    cfg = two_epochs(fake_root, tmp_path, *others, "callbacks.latent_scatter.log_spaced_steps=false",
+                     f"trainer.check_val_every_n_epoch={every_n_epochs}")
+    checker = CheckValidationPoints()
+    pl.seed_everything(cfg.seed)
+    model, datamodule = instantiate(cfg.model), instantiate(cfg.data)
+    trainer = make_trainer(cfg, model, [*instantiate_callbacks(cfg), checker], [])
+    trainer.fit(model, datamodule=datamodule)
+    assert checker.checked == 2 // every_n_epochs
+    assert encoded == ([] if every_n_epochs == 1 else [VAL_SIZE])  # epoch 1 of 2 had no validation
+    pngs = sorted(p.name for p in (tmp_path / "images" / "latent_scatter").glob("*.png"))
+    assert pngs == [f"step_{s:07d}.png" for s in (STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH)]

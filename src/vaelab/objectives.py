@@ -47,6 +47,8 @@ class LogDensities(NamedTuple):
     kl: Tensor | None
     # DReG (estimator=dreg): the samples of each layer as the log-densities used them, else ()
     latents: tuple[Tensor, ...] = ()
+    # [B, latent_dim] the top layer's point summary of q (VAE.encode's), where asked for (validation)
+    point: Tensor | None = None
 
 
 def kl_per_image(d: LogDensities) -> Tensor:

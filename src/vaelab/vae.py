@@ -192,7 +192,10 @@ class VAE(Optimization):
         """The posterior of the top latent layer for the pictures and diagnostics: ``q(z|x)`` of
         a one-layer model; for a hierarchy the top layer's Gaussian along the means of the layers
         below (:func:`vaelab.hierarchy.mean_path`)."""
-        q = self.posterior_of(x)
+        return self._top_posterior(self.posterior_of(x))
+
+    def _top_posterior(self, q: PosteriorBatch) -> PosteriorBatch:
+        """The top layer's posterior along the means of the layers below ``q = q(z_1|x)``."""
         if not self.layers:
             return q
         return self.layers[-1].up(mean_path(q.point(), [layer.up for layer in self.layers[:-1]]))
@@ -252,12 +255,14 @@ class VAE(Optimization):
             kl = (log_q - p.log_prob_dims(z)).mean(0)
         return kl
 
-    def forward(self, x: Tensor, n_samples: int = 1, detach_posterior: bool = False) -> LogDensities:
+    def forward(self, x: Tensor, n_samples: int = 1, detach_posterior: bool = False,
+                with_point: bool = False) -> LogDensities:
         """The log-densities at ``n_samples`` draws ``z ~ q(z|x)`` per image.
 
         ``detach_posterior`` (DReG): ``log q`` is scored at the samples with the posterior's
         weights cut from the graph, and the samples are returned as ``latents``, the tensors
-        through which the objective reweights the gradient."""
+        through which the objective reweights the gradient. ``with_point``: also the top layer's
+        point summary ``point`` (:meth:`encode`'s), from the same encoder pass."""
         q = self.posterior_of(x)
         z, log_q_dims = q.rsample(n_samples)
         if detach_posterior:
@@ -285,7 +290,8 @@ class VAE(Optimization):
             if kl is None:  # Monte Carlo, each layer's dimensions given the layer above: sums to mean_n log q - log p
                 log_p = [*log_p, p.log_prob_dims(latents[-1])]
                 kl = torch.cat([(lq - lp).mean(0) for lq, lp in zip(log_q, log_p, strict=True)], dim=-1)
-        return LogDensities(log_px_z, log_pz, log_qz, kl, tuple(latents) if detach_posterior else ())
+        point = self._top_posterior(q).point() if with_point else None
+        return LogDensities(log_px_z, log_pz, log_qz, kl, tuple(latents) if detach_posterior else (), point)
 
     def log_densities(self, x: Tensor, n_samples: int) -> tuple[Tensor, Tensor, Tensor]:
         """``(log p(x|z), log p(z), log q(z|x))``, each ``[n_samples, B]``, at ``n_samples`` draws
@@ -317,9 +323,14 @@ class VAE(Optimization):
             metrics["train/kl_weight"] = self.objective.kl_weight(self.schedule_step)
         return loss, metrics
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Logs the ELBO; returns the top layer's point summaries ``{"points": [B, latent_dim]}``
+        (for :class:`vaelab.callbacks.pictures.LatentScatter`, which would otherwise encode the
+        images again)."""
         x, _ = batch
-        self._log_elbo(self(x), "val", len(x))
+        d = self(x, with_point=True)
+        self._log_elbo(d, "val", len(x))
+        return {"points": d.point}
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, _ = batch

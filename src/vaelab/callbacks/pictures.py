@@ -130,8 +130,11 @@ class PriorSamples(Pictures):
 
 
 class LatentScatter(Pictures):
-    """Posterior means of the first ``n_points`` test images coloured by label (PCA when
-    latent_dim > 2); ``n_points_early`` of them at the log-spaced steps."""
+    """Posterior means of the first ``n_points`` validation images coloured by label (PCA when
+    latent_dim > 2); ``n_points_early`` of them at the log-spaced steps. At an epoch's end the
+    points are the ones the validation pass has just computed (``VAE.validation_step`` returns
+    them), so the images are not encoded twice; where that pass did not see them all (no
+    validation this epoch, another process's shard), they are encoded here."""
 
     name = "latent_scatter"
 
@@ -141,11 +144,34 @@ class LatentScatter(Pictures):
         super().__init__(log_spaced_steps=log_spaced_steps, **kwargs)
         self.n_points, self.n_points_early = n_points, n_points_early
         self.plot = plots.ScatterPlot()
+        self.validated: list[Tensor] = []  # this epoch's validation points, in batch order
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        splits = getattr(trainer.datamodule, "splits", {})
+        if "val" not in splits:
+            raise ConfigError(f"callback {self.name} needs a datamodule with a validation split "
+                              f"(datamodule.splits['val'])")
+        self.x, self.y = splits["val"]
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.validated = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        points = outputs.get("points") if isinstance(outputs, dict) else None
+        if not trainer.sanity_checking and points is not None and sum(map(len, self.validated)) < self.n_points:
+            self.validated.append(points.detach())
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self.validated = []  # an epoch without validation (check_val_every_n_epoch) encodes afresh
 
     def draw(self, pl_module: LightningModule, early: bool) -> Tensor:
-        n = self.n_points_early if early else self.n_points
-        points, axis_labels = plots.project_2d(plots.encode_means(pl_module, self.x[:n]))
-        title = f"test set, step {pl_module.trainer.global_step}"
+        n = min(self.n_points_early if early else self.n_points, len(self.x))
+        validated = torch.cat(self.validated)[:n] if self.validated and not early else None
+        if validated is None or len(validated) < n:
+            validated = plots.encode_means(pl_module, self.x[:n])
+        points, axis_labels = plots.project_2d(validated)
+        title = f"validation set, step {pl_module.trainer.global_step}"
         return self.plot.draw(points, self.y[:n], axis_labels, title)
 
 
