@@ -124,6 +124,18 @@ def test_glorot_init_is_uniform_within_the_bound_with_zero_biases():
         assert not layer.bias.any()
 
 
+def test_glorot_init_reaches_convolutions():
+    from vaelab.nets.conv import ConvDecoder, ConvEncoder
+
+    vae = VAE(ConvEncoder(3, image_shape=MNIST), ConvDecoder(3, image_shape=MNIST), torch.optim.Adam, 3,
+              weight_init="glorot")
+    convs = [m for m in vae.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
+    assert len(convs) == 4
+    for conv in convs:
+        fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(conv.weight)
+        assert conv.weight.abs().max() <= (6 / (fan_in + fan_out)) ** 0.5 and not conv.bias.any()
+
+
 def test_default_init_is_torchs_bit_for_bit():
     torch.manual_seed(0)
     default = make_vae(weight_init="default").state_dict()

@@ -58,7 +58,7 @@ def init_weights(module: nn.Module, scheme: str) -> None:
         raise ConfigError(f"model.weight_init must be one of {', '.join(WEIGHT_INITS)}, got {scheme!r}")
     if scheme == "glorot":
         for layer in module.modules():
-            if isinstance(layer, nn.Linear | nn.modules.conv._ConvNd):
+            if isinstance(layer, nn.Linear | nn.Conv2d | nn.ConvTranspose2d):
                 nn.init.xavier_uniform_(layer.weight)
                 if layer.bias is not None:
                     nn.init.zeros_(layer.bias)
