@@ -131,24 +131,34 @@ def plots_encode(model, x):
         model.train(was_training)
 
 
-@pytest.mark.parametrize("every_n_epochs", [1, 2])
-def test_the_epoch_end_scatter_takes_the_validation_pass_points(fake_root, tmp_path, monkeypatch, every_n_epochs):
-    """Encoded once per epoch: at an epoch's end the scatter draws what validation computed, and
-    encodes the images itself only where no validation ran (``check_val_every_n_epoch``)."""
+VALIDATION_SCHEDULES = {  # overrides, images the epoch ends encode, validation passes
+    "every epoch": (["trainer.check_val_every_n_epoch=1"], [], 2),
+    "every second epoch": (["trainer.check_val_every_n_epoch=2"], [VAL_SIZE], 1),
+    "every 3 steps, not at epoch ends": (["steps_per_call=1", "trainer.check_val_every_n_epoch=null",
+                                          "+trainer.val_check_interval=3"], [VAL_SIZE, VAL_SIZE], 4),
+}
+
+
+@pytest.mark.parametrize("schedule", sorted(VALIDATION_SCHEDULES))
+def test_the_epoch_end_scatter_takes_the_validation_pass_points(fake_root, tmp_path, monkeypatch, schedule):
+    """Encoded once per epoch: at an epoch's end the scatter draws what the validation pass at that
+    step computed (in batches of 16: the pass's batches in order), and encodes the images itself
+    where none ran there (``check_val_every_n_epoch``, a mid-epoch ``val_check_interval``)."""
     from vaelab import plots
 
+    overrides, expected_encodings, passes = VALIDATION_SCHEDULES[schedule]
     encoded = []
     real = plots.encode_means
     monkeypatch.setattr(plots, "encode_means", lambda model, x, **kw: encoded.append(len(x)) or real(model, x, **kw))
     others = [f"~callbacks.{name}" for name in PICTURES if name != "latent_scatter"]
     cfg = two_epochs(fake_root, tmp_path, *others, "callbacks.latent_scatter.log_spaced_steps=false",
-                     f"trainer.check_val_every_n_epoch={every_n_epochs}")
+                     "data.eval_batch_size=16", *overrides)
     checker = CheckValidationPoints()
     pl.seed_everything(cfg.seed)
     model, datamodule = instantiate(cfg.model), instantiate(cfg.data)
     trainer = make_trainer(cfg, model, [*instantiate_callbacks(cfg), checker], [])
     trainer.fit(model, datamodule=datamodule)
-    assert checker.checked == 2 // every_n_epochs
-    assert encoded == ([] if every_n_epochs == 1 else [VAL_SIZE])  # epoch 1 of 2 had no validation
+    assert checker.checked == passes
+    assert encoded == expected_encodings
     pngs = sorted(p.name for p in (tmp_path / "images" / "latent_scatter").glob("*.png"))
     assert pngs == [f"step_{s:07d}.png" for s in (STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH)]

@@ -143,6 +143,17 @@ def test_a_sweep_job_resumes_only_a_checkpoint_of_its_own_settings(make_cfg, tmp
             check_same_settings(checkpoint, make_cfg("lr=0.001", override), "x")
 
 
+def test_a_checkpoint_from_before_the_init_keys_resumes_with_their_defaults(make_cfg):
+    """Checkpoints written before ``model.weight_init`` and ``model.output_bias_from_data`` existed
+    were trained as their defaults say: a sweep resumes them, and one that sets either is refused."""
+    saved = OmegaConf.to_container(make_cfg(), resolve=True)
+    del saved["model"]["weight_init"], saved["model"]["output_bias_from_data"]
+    check_same_settings({CONFIG_KEY: saved}, make_cfg(), "x")
+    for override in ("model.weight_init=glorot", "model.output_bias_from_data=true"):
+        with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+            check_same_settings({CONFIG_KEY: saved}, make_cfg(override), "x")
+
+
 def test_checkpoint_of_another_architecture_is_refused(make_cfg, tmp_path):
     train(make_cfg("max_epochs=1"))
     with pytest.raises(ConfigError, match="another architecture"):

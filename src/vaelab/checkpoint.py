@@ -73,6 +73,8 @@ def check_compatible(model: torch.nn.Module, checkpoint: dict[str, Any], path: s
 
 COMPARED = ("model", "data", "seed")
 NOT_COMPARED = {"data.root", "data.download", "model.compile"}  # where the data are and how it runs
+# Keys added to the model configs after checkpoints were written without them: absent means this value.
+ADDED_KEYS = {"model.weight_init": "default", "model.output_bias_from_data": False}
 
 
 def check_same_settings(checkpoint: dict[str, Any], cfg: DictConfig, path: str | Path) -> None:
@@ -81,6 +83,7 @@ def check_same_settings(checkpoint: dict[str, Any], cfg: DictConfig, path: str |
     (``max_epochs`` and the Trainer's settings may change on resume.)"""
     saved, current = checkpoint.get(CONFIG_KEY, {}), OmegaConf.to_container(cfg, resolve=True)
     theirs, ours = (flatten({key: tree.get(key) for key in COMPARED}) for tree in (saved, current))
+    theirs = {**{k: v for k, v in ADDED_KEYS.items() if k in ours}, **theirs}
     for name in sorted((theirs.keys() | ours.keys()) - NOT_COMPARED):
         if theirs.get(name) != ours.get(name):
             raise ConfigError(

@@ -334,7 +334,7 @@ class VAE(Optimization):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, _ = batch
-        self._log_elbo(self(x), "test", len(x))
+        self._log_elbo(self(x, with_point=True), "test", len(x))  # as validation's: one compiled graph for both
         if self.iw_samples_test > 0:
             nll = -iw_estimates(self, x, self.iw_samples_test).log_px.mean()
             names = nll_keys("test", self.likelihood.density)

@@ -133,8 +133,9 @@ class LatentScatter(Pictures):
     """Posterior means of the first ``n_points`` validation images coloured by label (PCA when
     latent_dim > 2); ``n_points_early`` of them at the log-spaced steps. At an epoch's end the
     points are the ones the validation pass has just computed (``VAE.validation_step`` returns
-    them), so the images are not encoded twice; where that pass did not see them all (no
-    validation this epoch, another process's shard), they are encoded here."""
+    them), so the images are not encoded twice; where no pass followed this step (no validation
+    this epoch, only mid-epoch ones) or it did not see them all (under DDP each process sees a
+    shard), they are encoded here."""
 
     name = "latent_scatter"
 
@@ -144,7 +145,8 @@ class LatentScatter(Pictures):
         super().__init__(log_spaced_steps=log_spaced_steps, **kwargs)
         self.n_points, self.n_points_early = n_points, n_points_early
         self.plot = plots.ScatterPlot()
-        self.validated: list[Tensor] = []  # this epoch's validation points, in batch order
+        self.validated: list[Tensor] = []  # the last validation pass's points, in batch order
+        self.validated_at = -1  # the optimizer step that pass followed
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         splits = getattr(trainer.datamodule, "splits", {})
@@ -159,15 +161,18 @@ class LatentScatter(Pictures):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         points = outputs.get("points") if isinstance(outputs, dict) else None
         if not trainer.sanity_checking and points is not None and sum(map(len, self.validated)) < self.n_points:
-            self.validated.append(points.detach())
+            self.validated.append(points.detach().clone())  # a compiled forward's CUDA graph reuses its outputs
 
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        self.validated = []  # an epoch without validation (check_val_every_n_epoch) encodes afresh
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.validated_at = -1 if trainer.sanity_checking else trainer.global_step
 
     def draw(self, pl_module: LightningModule, early: bool) -> Tensor:
         n = min(self.n_points_early if early else self.n_points, len(self.x))
-        validated = torch.cat(self.validated)[:n] if self.validated and not early else None
+        trainer = pl_module.trainer
+        # the pass's points where it followed this very step and saw the first n images (one process:
+        # under DDP rank 0 holds every world_size-th one)
+        fresh = not early and self.validated_at == trainer.global_step and trainer.world_size == 1
+        validated = torch.cat(self.validated)[:n] if fresh and self.validated else None
         if validated is None or len(validated) < n:
             validated = plots.encode_means(pl_module, self.x[:n])
         points, axis_labels = plots.project_2d(validated)
