@@ -42,6 +42,7 @@ class Pictures(Callback):
     """
 
     name = "picture"
+    split = "test"  # the datamodule split whose first images it draws
 
     def __init__(self, log_spaced_steps: bool = False, out_dir: str | None = None) -> None:
         self.log_spaced_steps, self.out_dir = log_spaced_steps, out_dir
@@ -51,9 +52,10 @@ class Pictures(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         splits = getattr(trainer.datamodule, "splits", {})
-        if "test" not in splits:
-            raise ConfigError(f"callback {self.name} needs a datamodule with a test split (datamodule.splits['test'])")
-        self.x, self.y = splits["test"]
+        if self.split not in splits:
+            raise ConfigError(f"callback {self.name} needs a datamodule with a {self.split} split "
+                              f"(datamodule.splits['{self.split}'])")
+        self.x, self.y = splits[self.split]
 
     def images_dir(self, trainer: Trainer) -> Path:
         return Path(self.out_dir or Path(trainer.default_root_dir) / "images")
@@ -138,6 +140,7 @@ class LatentScatter(Pictures):
     shard), they are encoded here."""
 
     name = "latent_scatter"
+    split = "val"
 
     def __init__(
         self, n_points: int = 10_000, n_points_early: int = 1000, log_spaced_steps: bool = True, **kwargs
@@ -147,13 +150,6 @@ class LatentScatter(Pictures):
         self.plot = plots.ScatterPlot()
         self.validated: list[Tensor] = []  # the last validation pass's points, in batch order
         self.validated_at = -1  # the optimizer step that pass followed
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        splits = getattr(trainer.datamodule, "splits", {})
-        if "val" not in splits:
-            raise ConfigError(f"callback {self.name} needs a datamodule with a validation split "
-                              f"(datamodule.splits['val'])")
-        self.x, self.y = splits["val"]
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.validated = []
