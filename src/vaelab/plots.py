@@ -99,14 +99,19 @@ class ScatterPlot:
     """Points coloured by label (0-9) with a colour bar, drawn again and again on one figure.
 
     The figure is made once, on the first :meth:`draw`; later draws move the dots and rescale the
-    axes (10,000 points: 0.14 s against 0.20 s for a new figure; ticks and labels dominate, not the
-    dots). Callbacks that draw a scatter every epoch keep one.
+    axes. The axes sit at fixed places in the figure: a layout engine measuring every tick label
+    at each draw took half of a redraw's time (10,000 points: 0.07 s a redraw against 0.14 s
+    with matplotlib's constrained layout, 0.20 s for a new figure). Callbacks that draw a scatter
+    every epoch keep one.
     """
 
     def __init__(self) -> None:
-        self.fig = Figure(figsize=(6, 5), dpi=100, layout="constrained")
+        self.fig = Figure(figsize=(6, 5), dpi=100)
         self.canvas = FigureCanvasAgg(self.fig)
-        self.ax = self.fig.add_subplot()
+        # [left, bottom, width, height] in figure fractions: room for tick labels of up to five
+        # characters, the axis labels and the title
+        self.ax = self.fig.add_axes((0.13, 0.11, 0.66, 0.81))
+        self.colorbar_ax = self.fig.add_axes((0.82, 0.11, 0.03, 0.81))
         self.dots = None
 
     def draw(self, points: Tensor, labels: Tensor, axis_labels: tuple[str, str], title: str = "") -> Tensor:
@@ -114,8 +119,8 @@ class ScatterPlot:
         points, labels = points.detach().cpu().numpy(), labels.detach().cpu().numpy()
         if self.dots is None:
             self.dots = self.ax.scatter(points[:, 0], points[:, 1], c=labels, cmap=matplotlib.colormaps["tab10"],
-                                        vmin=-0.5, vmax=9.5, s=3, alpha=0.6, linewidths=0)
-            self.fig.colorbar(self.dots, ax=self.ax, ticks=range(10), label="label")
+                                        vmin=-0.5, vmax=9.5, s=3, marker="s", alpha=0.6, linewidths=0)
+            self.fig.colorbar(self.dots, cax=self.colorbar_ax, ticks=range(10), label="label")
         else:
             self.dots.set_offsets(points)
             self.dots.set_array(labels)
