@@ -4,6 +4,7 @@ vaelab mode is the real training path (logs and checkpoints), and the report add
 import importlib.util
 import json
 import sys
+import time
 
 import pytest
 import pytorch_lightning as pl
@@ -154,7 +155,12 @@ def test_cli_epochs_without_the_epoch_timer_report_no_timer(fake_root, monkeypat
     """``callbacks=none`` leaves no ``timing.json``: the commands (stood in for here: the test above
     runs them) time as before, the timer's columns are empty."""
     commands = []
-    monkeypatch.setattr(train_speed.subprocess, "run", lambda command, **kwargs: commands.append(command))
+
+    def run(command, **kwargs):  # a 3-epoch run takes longer than a 1-epoch one
+        commands.append(command)
+        time.sleep(0.02 if "max_epochs=3" in command else 0.01)
+
+    monkeypatch.setattr(train_speed.subprocess, "run", run)
     overrides = [*OVERRIDES, "callbacks=none"]
     cfg = train_speed.compose_config(str(fake_root), "cpu", "unused", overrides)
     cli = train_speed.cli_epochs(cfg, str(fake_root), overrides, rounds=1, device=torch.device("cpu"))

@@ -108,9 +108,11 @@ class ScatterPlot:
     def __init__(self) -> None:
         self.fig = Figure(figsize=(6, 5), dpi=100)
         self.canvas = FigureCanvasAgg(self.fig)
-        # [left, bottom, width, height] in figure fractions: room for tick labels of up to five
-        # characters, the axis labels and the title
-        self.ax = self.fig.add_axes((0.13, 0.11, 0.66, 0.81))
+        # [left, bottom, width, height] in figure fractions: room for the axis labels, the title and
+        # tick labels of up to six characters, which scientific notation outside [0.01, 1000] keeps
+        # them to (the power of ten goes to the axis' end: "1e-3")
+        self.ax = self.fig.add_axes((0.15, 0.11, 0.64, 0.81))
+        self.ax.ticklabel_format(style="sci", scilimits=(-2, 3))
         self.colorbar_ax = self.fig.add_axes((0.82, 0.11, 0.03, 0.81))
         self.dots = None
 

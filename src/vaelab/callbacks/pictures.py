@@ -31,6 +31,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from vaelab import plots
 from vaelab.config import ConfigError
+from vaelab.event_files import use_native_crc32c
 
 
 class Pictures(Callback):
@@ -243,6 +244,7 @@ def write_png(picture: Tensor, path: Path, writers: list[SummaryWriter], tag: st
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(png)
     height, width, channels = pixels.shape
+    use_native_crc32c()  # here, in the process that writes (ddp_spawn's workers start afresh): 0.1 s an epoch
     image = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=png)
     for writer in writers:
         # add_image takes only pixel arrays and would encode the PNG again (encoded images were asked
