@@ -6,9 +6,9 @@ use, checksums every record with a CRC32C written in Python: 0.26 ms per kB, 130
 pictures of one epoch (about 400 kB of PNG) cost 0.1 s so. tensorboardX fixed the same with a
 native CRC32C (lanpa/tensorboardX#428); TensorBoard's own writer still has only the Python one.
 :func:`use_native_crc32c` gives it google-crc32c's C implementation: the same checksums
-(``tests/test_event_files.py``), 0.1 ms for 500 kB. The pictures call it before they write
-(:func:`vaelab.callbacks.pictures.write_png`), in whichever process draws them; the scalars'
-records are a few hundred bytes.
+(``tests/test_event_files.py``), 0.1 ms for 500 kB. The picture callbacks call it when they are set up
+(:meth:`vaelab.callbacks.pictures.Pictures.setup`), in whichever process draws them; the
+scalars' records are a few hundred bytes.
 """
 
 import google_crc32c

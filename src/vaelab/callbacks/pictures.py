@@ -57,6 +57,7 @@ class Pictures(Callback):
             raise ConfigError(f"callback {self.name} needs a datamodule with a {self.split} split "
                               f"(datamodule.splits['{self.split}'])")
         self.x, self.y = splits[self.split]
+        use_native_crc32c()  # in the process that draws (ddp_spawn's workers start afresh): 0.1 s an epoch
 
     def images_dir(self, trainer: Trainer) -> Path:
         return Path(self.out_dir or Path(trainer.default_root_dir) / "images")
@@ -244,7 +245,6 @@ def write_png(picture: Tensor, path: Path, writers: list[SummaryWriter], tag: st
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(png)
     height, width, channels = pixels.shape
-    use_native_crc32c()  # here, in the process that writes (ddp_spawn's workers start afresh): 0.1 s an epoch
     image = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=png)
     for writer in writers:
         # add_image takes only pixel arrays and would encode the PNG again (encoded images were asked
